@@ -1,0 +1,136 @@
+"""The `ocrtune` command.
+
+    ocrtune data build --source folder --input scans/ --output runs/data
+    ocrtune train configs/runs/tiny_smoke.yaml data.path=runs/data
+    ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --data runs/data --output runs/tiny-smoke/eval
+    ocrtune push runs/tiny-smoke/adapter --repo-id you/name --dry-run runs/push-preview
+
+Errors print one line naming the file, field or key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data_build(args) -> int:
+    from data_prep.build import build_dataset
+
+    result = build_dataset(
+        args.source, args.input, args.output, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        seed=args.seed, prompt=args.prompt, max_rejected=args.max_rejected, max_pixels=args.max_pixels,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    c = result.report["counts"]
+    print(f"wrote {result.output}: train {c['train']}, validation {c['validation']}, test {c['test']}; "
+          f"rejected {c['rejected']} of {c['candidates']} (see {result.output / 'build_report.json'})")
+    for r in result.report["rejected"][:20]:
+        print(f"  rejected {r['item']}: {r['reason']}")
+    return 0
+
+
+def _eval(args) -> int:
+    from finetune.evaluate import evaluate
+
+    report = evaluate(args.model, args.data, args.output, adapter=args.adapter, split=args.split,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+                      limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
+                      progress=not args.no_progress)
+    print((Path(args.output) / "report.md").read_text())
+    return 0
+
+
+def _push(args) -> int:
+    from finetune.hub import stage, upload, write_dry_run
+
+    files = stage(Path(args.adapter_dir), args.repo_id, base_model_id=args.base_model_id,
+                  report_path=Path(args.report) if args.report else None)
+    if args.dry_run:
+        write_dry_run(files, Path(args.dry_run))
+        print(f"dry run: {len(files)} files that would be uploaded to {args.repo_id} written to {args.dry_run}:")
+        for name, data in files.items():
+            print(f"  {name} ({len(data):,} bytes)")
+        return 0
+    url = upload(files, args.repo_id, private=args.private)
+    print(f"pushed {len(files)} files to {args.repo_id}: {url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep import DEFAULT_PROMPT
+    from data_prep.images import DEFAULT_MAX_PIXELS
+
+    parser = argparse.ArgumentParser(prog="ocrtune", description="Adapt DeepSeek-OCR to your documents with LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    b = data.add_parser("build", help="build a dataset from scans + transcripts")
+    b.add_argument("--source", required=True, choices=["folder", "manifest"])
+    b.add_argument("--input", required=True, type=Path, help="folder of images, or a JSONL manifest")
+    b.add_argument("--output", required=True, type=Path)
+    b.add_argument("--val-fraction", type=float, default=0.1)
+    b.add_argument("--test-fraction", type=float, default=0.1)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--prompt", default=DEFAULT_PROMPT, help="recorded with the dataset; training and eval reuse it")
+    b.add_argument("--max-rejected", type=float, default=0.1, help="fail (writing nothing) above this share of rejects")
+    b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression bomb guard")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_data_build)
+
+    t = sub.add_parser("train", help="train a LoRA adapter (same as python -m finetune.train)", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=None)
+
+    e = sub.add_parser("eval", help="CER of the base model and base + adapter")
+    e.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
+    e.add_argument("--adapter", type=Path)
+    e.add_argument("--data", required=True, type=Path)
+    e.add_argument("--split", default="test")
+    e.add_argument("--output", required=True, type=Path)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--prompt", default=None, help="default: the adapter's training prompt, else the dataset's")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N pages")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--bootstrap-resamples", type=int, default=10_000)
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_eval)
+
+    p = sub.add_parser("push", help="publish an adapter and its model card to the Hugging Face Hub")
+    p.add_argument("adapter_dir")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", metavar="DIR", help="write the files that would be uploaded to DIR instead")
+    p.add_argument("--base-model-id", help="Hub id of the base model, when the adapter was trained from a local path")
+    p.add_argument("--report", help="eval report.json to show in the card (default: one found beside the adapter)")
+    p.set_defaults(func=_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from finetune.train import main as train_main
+
+        return train_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from data_prep.build import BuildError
+    from finetune.config import ConfigError
+    from finetune.evaluate import EvalError
+    from finetune.hub import PushError
+    from finetune.models import ModelNameError
+
+    try:
+        return args.func(args)
+    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

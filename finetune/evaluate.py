@@ -1,0 +1,123 @@
+"""Evaluate the base model and base + adapter on the same pages with the same decoding.
+
+    ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/x/adapter \
+        --data runs/data --split test --output runs/x/eval
+
+Writes OUTPUT/report.json, OUTPUT/report.md and OUTPUT/predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+class EvalError(RuntimeError):
+    pass
+
+
+def evaluate(
+    model_name: str,
+    data: str | Path,
+    output: str | Path,
+    adapter: str | Path | None = None,
+    split: str = "test",
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    prompt: str | None = None,
+    limit: int | None = None,
+    dtype: str = "auto",
+    bootstrap_resamples: int = 10_000,
+    progress: bool = True,
+) -> dict:
+    from datasets import load_from_disk
+    from tqdm.auto import tqdm
+
+    from data_prep.build import read_dataset_info
+    from finetune.generate import generate_pages
+    from finetune.metrics import HEADLINE, LEVELS, paired_bootstrap, system_metrics
+    from finetune.models import load_model
+    from finetune.report import write_predictions, write_report
+    from finetune.runtime import choose_prompt, read_adapter_meta, resolve_dtype, resolve_vision
+    from finetune.sequence import builder_for
+
+    data, output = Path(data), Path(output)
+    if not (data / "dataset_dict.json").is_file():
+        raise EvalError(f"--data {data}: not a dataset directory (build one with `ocrtune data build`)")
+    splits = load_from_disk(str(data))
+    if split not in splits:
+        raise EvalError(f"--split {split!r}: {data} has splits {', '.join(splits)}")
+    rows = splits[split]
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    if len(rows) == 0:
+        raise EvalError(f"{data}:{split} is empty")
+    adapter_meta = None
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise EvalError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
+        adapter_meta = read_adapter_meta(adapter)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, device == "cuda"), device=device)
+    if adapter_meta and adapter_meta.get("base_model") not in (None, resolved.name):
+        print(f"warning: adapter was trained on {adapter_meta['base_model']!r}, evaluating on {resolved.name!r}",
+              file=sys.stderr)
+    family = resolved.family
+    vision_saved = (adapter_meta or {}).get("vision", {})
+    vision = resolve_vision(family, processor, vision_saved.get("crop_to_patches"), vision_saved.get("min_tiles"),
+                            vision_saved.get("max_tiles"))
+    prompt = choose_prompt(prompt, adapter_meta, read_dataset_info(data))
+    builder = builder_for(family, processor, model.config, prompt, vision)
+
+    systems = ["base"]
+    if adapter is not None:
+        from finetune.lora import load_adapter
+
+        model = load_adapter(model, adapter, "adapted", family.ADAPTER_DISK_RENAMES)
+        systems.append("adapted")
+    model.eval()
+
+    ids = rows["id"]
+    references = rows["markdown"]
+    pages = [(rid, img) for rid, img in zip(ids, rows["image"])]
+    expected = [builder.count_target_tokens(r) for r in references]
+    predictions, generations = {}, {}
+    for system in systems:
+        bar = tqdm(total=len(pages), desc=f"eval {system}", unit="page", disable=not progress)
+        if system == "base" and adapter is not None:
+            with model.disable_adapter():
+                gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar)
+        else:
+            gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar)
+        bar.close()
+        generations[system] = gens
+        predictions[system] = [g.text for g in gens]
+
+    report = {
+        "model": resolved.name,
+        "adapter": str(adapter) if adapter is not None else None,
+        "data": str(data),
+        "split": split,
+        "prompt": prompt,
+        "vision": vision.as_dict(),
+        "normalization": {"headline": HEADLINE, "levels": list(LEVELS),
+                          "cer": f"corpus CER at {HEADLINE}", "cer_raw": "corpus CER at L0 (outer whitespace stripped only)"},
+        "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                     "repetition_guard": None, "sorted_by": "reference token count"},
+        "systems": {},
+    }
+    for system in systems:
+        metrics = system_metrics(references, predictions[system])
+        metrics["hit_max_tokens"] = sum(g.hit_max_tokens for g in generations[system])
+        report["systems"][system] = metrics
+    if "adapted" in systems:
+        report["comparison"] = paired_bootstrap(references, predictions["base"], predictions["adapted"],
+                                                resamples=bootstrap_resamples)
+    output.mkdir(parents=True, exist_ok=True)
+    write_predictions(output / "predictions.jsonl", ids, references, predictions)
+    write_report(output, report)
+    return report

@@ -1,0 +1,62 @@
+"""Batched greedy generation through the shared sequence builder.
+
+Pages are sorted by expected answer length so a batch holds pages that finish
+together, prompts are left-padded, and results come back in input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    hit_max_tokens: bool  # no EOS before the cap: a truncated or looping output
+
+
+@torch.no_grad()
+def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, expected_lengths=None,
+                   progress=None) -> list[Generation]:
+    """`pages`: list of (id, PIL image). Returns one Generation per page, in order."""
+    order = list(range(len(pages)))
+    if expected_lengths is not None:
+        order.sort(key=lambda i: -expected_lengths[i])
+    results: list[Generation | None] = [None] * len(pages)
+    device = next(model.parameters()).device
+    tokenizer = builder.tokenizer
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        examples = [builder.build(pages[i][0], pages[i][1]) for i in chunk]
+        batch = builder.collate(examples, padding_side="left")
+        batch.pop("ids")
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if "pixel_values" in batch:
+            dtype = next(model.parameters()).dtype
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            if "pixel_values_local" in batch:
+                batch["pixel_values_local"] = batch["pixel_values_local"].to(dtype)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=builder.eos_id,
+            pad_token_id=builder.pad_id,
+        )
+        new = out[:, batch["input_ids"].shape[1] :]
+        for row, i in enumerate(chunk):
+            ids = new[row].tolist()
+            if builder.eos_id in ids:
+                ids = ids[: ids.index(builder.eos_id)]
+                hit = False
+            else:
+                ids = [t for t in ids if t != builder.pad_id]
+                hit = True
+            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit)
+        if progress is not None:
+            progress.update(len(chunk))
+    return results

@@ -1,0 +1,130 @@
+"""CER and friends, with the normalisation named next to every number.
+
+Levels (applied identically to reference and prediction):
+  L0 raw      strip leading/trailing whitespace only (what jiwer's `cer` does)
+  L1 text     L0 + CRLF->LF, NFC, zero-width characters removed, typographic quotes and
+              dashes mapped to ASCII, every whitespace run -> one space   (headline)
+  L2 content  L1 + Markdown syntax stripped (headings, emphasis, bullets, quotes,
+              link/image syntax keeps its text, table pipes -> cell text)
+  L3 lenient  L2 + NFKC + casefold + non-word characters dropped
+
+Corpus CER = sum of edit distances / sum of reference lengths. This module imports no
+model code.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import numpy as np
+from rapidfuzz.distance import Levenshtein
+
+LEVELS = ("L0", "L1", "L2", "L3")
+HEADLINE = "L1"
+LEVEL_NAMES = {"L0": "raw", "L1": "text", "L2": "content", "L3": "lenient"}
+
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)
+_TYPOGRAPHIC = str.maketrans(
+    {
+        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",
+        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
+        "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2015": "-", "\u2212": "-",
+        "\u2026": "...",
+    }
+)
+_WS = re.compile(r"\s+")
+_MD_RULES = [
+    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # images keep alt text
+    (re.compile(r"\[([^\]]*)\]\([^)]*\)"), r"\1"),  # links keep their text
+    (re.compile(r"^\s{0,3}#{1,6}\s+", re.M), ""),  # heading marks
+    (re.compile(r"^\s{0,3}>\s?", re.M), ""),  # block quotes
+    (re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.M), ""),  # bullets and numbered items
+    (re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$", re.M), ""),  # table rule rows
+    (re.compile(r"\s*\|\s*"), " "),  # table pipes -> cell separators
+    (re.compile(r"(\*\*|__|\*|_|~~|`)"), ""),  # emphasis and code marks
+]
+
+
+def normalize(text: str, level: str = HEADLINE) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"unknown normalisation level {level!r}; choose one of {', '.join(LEVELS)}")
+    text = text.strip()
+    if level == "L0":
+        return text
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text).translate(_ZERO_WIDTH).translate(_TYPOGRAPHIC)
+    if level in ("L2", "L3"):
+        for pattern, repl in _MD_RULES:
+            text = pattern.sub(repl, text)
+    text = _WS.sub(" ", text).strip()
+    if level == "L3":
+        text = unicodedata.normalize("NFKC", text).casefold()
+        text = re.sub(r"[^\w\s]", "", text)
+        text = _WS.sub(" ", text).strip()
+    return text
+
+
+def edit_counts(references: list[str], predictions: list[str], level: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (edit distance, reference length) at one level."""
+    edits = np.empty(len(references), dtype=np.int64)
+    lengths = np.empty(len(references), dtype=np.int64)
+    for i, (ref, hyp) in enumerate(zip(references, predictions)):
+        r, h = normalize(ref, level), normalize(hyp, level)
+        edits[i] = Levenshtein.distance(r, h)
+        lengths[i] = len(r)
+    return edits, lengths
+
+
+def corpus_cer(edits: np.ndarray, lengths: np.ndarray) -> float:
+    total = int(lengths.sum())
+    return float(edits.sum()) / total if total else float(edits.sum() > 0)
+
+
+def mean_sample_cer(edits: np.ndarray, lengths: np.ndarray) -> float:
+    """What many notebooks report; shown alongside corpus CER, never instead of it."""
+    per = edits / np.maximum(lengths, 1)
+    return float(per.mean()) if len(per) else 0.0
+
+
+def system_metrics(references: list[str], predictions: list[str]) -> dict:
+    out: dict = {"n": len(references)}
+    for level in LEVELS:
+        edits, lengths = edit_counts(references, predictions, level)
+        out[f"cer_{level}"] = corpus_cer(edits, lengths)
+    edits, lengths = edit_counts(references, predictions, HEADLINE)
+    out["cer"] = out[f"cer_{HEADLINE}"]
+    out["cer_raw"] = out["cer_L0"]
+    out["mean_sample_cer"] = mean_sample_cer(edits, lengths)
+    out["share_cer_above_1"] = float(np.mean(edits > lengths)) if len(edits) else 0.0
+    out["empty_outputs"] = sum(1 for p in predictions if not p.strip())
+    return out
+
+
+def paired_bootstrap(
+    references: list[str],
+    base: list[str],
+    adapted: list[str],
+    resamples: int = 10_000,
+    seed: int = 0,
+    level: str = HEADLINE,
+) -> dict:
+    """95% CI of corpus CER(adapted) - CER(base), resampling pages with replacement."""
+    e_b, lengths = edit_counts(references, base, level)
+    e_a, _ = edit_counts(references, adapted, level)
+    n = len(references)
+    delta = corpus_cer(e_a, lengths) - corpus_cer(e_b, lengths)
+    if n == 0:
+        return {"cer_delta": 0.0, "cer_delta_ci95": [0.0, 0.0], "p_delta_ge_0": 1.0, "resamples": 0, "level": level}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))
+    ref_len = np.maximum(lengths[idx].sum(axis=1), 1)
+    deltas = (e_a[idx].sum(axis=1) - e_b[idx].sum(axis=1)) / ref_len
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return {
+        "cer_delta": float(delta),
+        "cer_delta_ci95": [float(low), float(high)],
+        "p_delta_ge_0": float(np.mean(deltas >= 0)),
+        "resamples": resamples,
+        "level": level,
+    }

@@ -1,0 +1,144 @@
+"""Build the tiny DeepSeek-OCR-2 checkpoints shipped in finetune/builtin/.
+
+    python -m finetune.models.tiny --output finetune/builtin/tiny-random-deepseek-ocr-2
+
+Real transformers classes at tiny dimensions with seeded random weights, and a
+byte-level BPE tokenizer trained here on a small fixed corpus (any UTF-8 text encodes,
+nothing maps to <unk>). The vision side is sized so that the counts agree: 192 px
+views, SAM patch 4 -> 48x48 patches -> two stride-2 convs -> 12x12 = 144 patches,
+which the model answers with its 144-query table and the processor counts as
+ceil(192 / 4 / 4)^2 = 144 placeholders.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image>", "<|grounding|>"]
+
+# A fixed corpus so the merges (and so the token ids) never change between builds.
+_CORPUS = """
+# Invoice 2024-031
+**Date:** 12/03/1998  **Total:** 1,234.56 EUR  **Phone:** +44 20 7946 0958
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+- item one
+- item two
+| Name | Amount |
+| --- | --- |
+| Coffee | 3.50 |
+Dear Sir or Madam, thank you for your letter of the 4th of June. Yours faithfully,
+Free OCR. Convert the document to markdown. OCR this image.
+0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?()[]{}*#-_/+=%&@$'"
+"""
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS[0],
+        eos_token=SPECIAL_TOKENS[1],
+        pad_token=SPECIAL_TOKENS[2],
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def tiny_config(vocab_size: int, image_token_id: int):
+    from transformers import DeepseekOcr2Config
+
+    return DeepseekOcr2Config(
+        vision_config={
+            "sam_config": {
+                "hidden_size": 32,
+                "output_channels": 16,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 192,
+                "patch_size": 4,
+                "window_size": 12,
+                "global_attn_indexes": [1],
+                "mlp_dim": 64,
+                "downsample_channels": [32, 32],
+            },
+            "encoder_config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "vocab_size": 1,
+                "max_position_embeddings": 512,
+            },
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "mlp_layer_types": ["dense", "sparse"],
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 2,
+            "max_position_embeddings": 2048,
+        },
+        image_token_id=image_token_id,
+    )
+
+
+def build_tiny_random(output: Path, seed: int = 0) -> None:
+    from transformers import DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor
+    from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
+
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = tiny_config(len(tokenizer), image_token_id)
+    torch.manual_seed(seed)
+    model = DeepseekOcr2ForConditionalGeneration(config)
+    # transformers initialises these two near zero; give the random model some signal so
+    # outputs differ between images and LoRA updates visibly change logits.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 or name.endswith("view_separator"):
+                param.normal_(0.0, 0.2)
+    model.generation_config.bos_token_id = 0
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 2
+    image_processor = DeepseekOcr2ImageProcessorPil(
+        size={"height": 192, "width": 192}, tile_size=192, crop_to_patches=False, min_patches=2, max_patches=6
+    )
+    processor = DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4, downsample_ratio=4)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output))
+    processor.save_pretrained(str(output))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_tiny_random(args.output, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

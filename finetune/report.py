@@ -1,0 +1,64 @@
+"""Report files written by `ocrtune eval`: report.json, report.md, predictions.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.metrics import HEADLINE, LEVEL_NAMES, LEVELS
+from finetune.runtime import write_text_atomic
+
+
+def write_predictions(path: Path, ids, references, predictions_by_system: dict[str, list[str]], extra=None) -> None:
+    lines = []
+    for i, (rid, ref) in enumerate(zip(ids, references)):
+        row = {"id": rid, "reference": ref, "predictions": {s: preds[i] for s, preds in predictions_by_system.items()}}
+        if extra:
+            row.update({k: v[i] for k, v in extra.items()})
+        lines.append(json.dumps(row, ensure_ascii=False))
+    write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def render_markdown(report: dict) -> str:
+    systems = report["systems"]
+    lines = [
+        "# ocrtune evaluation",
+        "",
+        f"Model `{report['model']}`, data `{report['data']}` split `{report['split']}`, "
+        f"{next(iter(systems.values()))['n']} pages.",
+        "",
+        f"| system | CER ({LEVEL_NAMES[HEADLINE]}, corpus) | CER raw | CER content | CER lenient | mean per-page CER | pages CER>1 | empty | hit max tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in systems.items():
+        lines.append(
+            f"| {name} | {_pct(m['cer'])} | {_pct(m['cer_L0'])} | {_pct(m['cer_L2'])} | {_pct(m['cer_L3'])} | "
+            f"{_pct(m['mean_sample_cer'])} | {_pct(m['share_cer_above_1'])} | {m['empty_outputs']} | {m['hit_max_tokens']} |"
+        )
+    if "comparison" in report:
+        c = report["comparison"]
+        lo, hi = c["cer_delta_ci95"]
+        lines += [
+            "",
+            f"CER change (adapted - base): {100 * c['cer_delta']:+.2f} points, 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+            f"(paired bootstrap over pages, {c['resamples']} resamples); P(change >= 0) = {c['p_delta_ge_0']:.4f}.",
+        ]
+    d = report["decoding"]
+    lines += [
+        "",
+        f"Normalisation: headline {HEADLINE} ({LEVEL_NAMES[HEADLINE]}); "
+        + "; ".join(f"{lvl} = {LEVEL_NAMES[lvl]}" for lvl in LEVELS)
+        + ". Corpus CER = total edits / total reference characters.",
+        f"Decoding (same for every system): {d['strategy']}, max_new_tokens {d['max_new_tokens']}, "
+        f"batch size {d['batch_size']}, prompt `{report['prompt']!r}`, vision {report['vision']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(output: Path, report: dict) -> None:
+    write_text_atomic(output / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(output / "report.md", render_markdown(report))
