@@ -81,9 +81,9 @@ def evaluate(
         systems.append("adapted")
     model.eval()
 
-    ids = rows["id"]
-    references = rows["markdown"]
-    pages = [(rid, img) for rid, img in zip(ids, rows["image"])]
+    ids = list(rows["id"])
+    references = list(rows["markdown"])
+    pages = [(row["id"], row["image"]) for row in rows]
     expected = [builder.count_target_tokens(r) for r in references]
     predictions, generations = {}, {}
     for system in systems:

@@ -127,7 +127,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     vision = resolve_vision(family, processor, cfg.vision.crop_to_patches, cfg.vision.min_tiles, cfg.vision.max_tiles)
     builder = builder_for(family, processor, model.config, prompt, vision)
 
-    lengths = [builder.count_target_tokens(text) for text in train_split["markdown"]]
+    lengths = [builder.count_target_tokens(text) for text in list(train_split["markdown"])]
     keep = [i for i, n in enumerate(lengths) if n <= cfg.data.max_target_tokens]
     dropped = len(lengths) - len(keep)
     if dropped:

@@ -1,0 +1,49 @@
+"""YAML -> dataclasses: unknown keys and bad types are errors naming the key; shipped configs validate."""
+
+from pathlib import Path
+
+import pytest
+
+from finetune.config import ConfigError, RunConfig, load_config
+from tests.helpers import REPO
+
+REQUIRED = ["model.name=builtin:x", "data.path=d"]
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, REQUIRED + ["train.max_steps=3", "train.lr=1e-3", "vision.crop_to_patches=true", "report_to=[wandb]"])
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.vision.crop_to_patches, cfg.report_to) == (3, 1e-3, True, ["wandb"])
+    assert cfg.lora.r == RunConfig().lora.r  # untouched keys keep the dataclass defaults
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+        ("trian.max_steps=3", "unknown config key 'trian'"),
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("lora.r=1.5", "lora.r: expected an integer"),
+        ("train.gradient_checkpointing=1", "train.gradient_checkpointing: expected true or false"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, REQUIRED + [override])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  name: builtin:x\n  nmae: y\ndata:\n  path: d\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'model\.nmae'"):
+        load_config(f)
+
+
+def test_required_keys():
+    with pytest.raises(ConfigError, match="model.name is required"):
+        load_config(None, ["data.path=d"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "runs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_run_config_validates(path: Path):
+    cfg = load_config(path)
+    assert cfg.model.name and cfg.data.path and cfg.train.max_steps > 0

@@ -1,0 +1,101 @@
+"""Publishing: exact staged files, retries on 429/5xx, a failed push leaves the adapter intact.
+
+The Hub's servers cannot be reached from here, so `HfApi` is replaced by a recorder;
+everything else is the real code path."""
+
+import hashlib
+import json
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import save_file
+import torch
+
+import huggingface_hub
+from finetune.cli import build_parser
+from finetune.hub import PushError, stage, upload
+
+
+def make_adapter(path, base="builtin:tiny-random-deepseek-ocr-2", local=False):
+    path.mkdir(parents=True)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 4)}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "peft_type": "LORA"}))
+    (path / "ocrtune_adapter.json").write_text(json.dumps({"base_model": base, "base_model_is_local_path": local,
+                                                           "prompt": "<image>\nFree OCR.", "lora": {"r": 8}}))
+    return path
+
+
+class HTTPError(Exception):
+    def __init__(self, status):
+        super().__init__(f"HTTP {status}")
+        self.response = SimpleNamespace(status_code=status)
+
+
+class RecordingApi:
+    failures: list = []
+    commits: list = []
+    repos: list = []
+
+    def __init__(self, *a, **k):
+        pass
+
+    def create_repo(self, repo_id, repo_type, private, exist_ok):
+        RecordingApi.repos.append((repo_id, private))
+
+    def create_commit(self, repo_id, operations, commit_message):
+        if RecordingApi.failures:
+            raise HTTPError(RecordingApi.failures.pop(0))
+        RecordingApi.commits.append({op.path_in_repo: op.path_or_fileobj for op in operations})
+        return SimpleNamespace(commit_url=f"https://hub.example/{repo_id}/commit/1")
+
+
+@pytest.fixture
+def api(monkeypatch):
+    RecordingApi.failures, RecordingApi.commits, RecordingApi.repos = [], [], []
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    return RecordingApi
+
+
+def test_retries_5xx_and_429_then_one_commit_with_exact_files(tmp_path, api):
+    files = stage(make_adapter(tmp_path / "a"), "me/x")
+    api.failures = [503, 429]
+    url = upload(files, "me/x", private=False, backoff_s=0)
+    assert url.endswith("/commit/1")
+    assert len(api.commits) == 1 and set(api.commits[0]) == {"adapter_model.safetensors", "adapter_config.json",
+                                                               "ocrtune_adapter.json", "README.md"}
+    assert api.repos[-1] == ("me/x", None)  # public unless asked: private is never forced
+    upload(files, "me/x", private=True, backoff_s=0)
+    assert api.repos[-1] == ("me/x", True)
+
+
+def test_persistent_failure_says_not_pushed_and_keeps_adapter(tmp_path, api):
+    adapter = make_adapter(tmp_path / "a")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in adapter.iterdir()}
+    api.failures = [500] * 10
+    with pytest.raises(PushError, match="not pushed"):
+        upload(stage(adapter, "me/x"), "me/x", private=False, attempts=3, backoff_s=0)
+    assert api.failures == [500] * 7  # three tries, then stop
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in adapter.iterdir()} == before
+
+
+def test_auth_errors_are_not_retried(tmp_path, api):
+    api.failures = [401, 401]
+    with pytest.raises(PushError, match="HTTP 401"):
+        upload(stage(make_adapter(tmp_path / "a"), "me/x"), "me/x", private=False, backoff_s=0)
+    assert api.failures == [401]
+
+
+def test_local_base_path_needs_a_hub_id(tmp_path):
+    adapter = make_adapter(tmp_path / "a", base=str(tmp_path / "my-base"), local=True)
+    with pytest.raises(PushError, match="base model is a local path"):
+        stage(adapter, "me/x")
+    files = stage(adapter, "me/x", base_model_id="deepseek-community/DeepSeek-OCR-2")
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "deepseek-community/DeepSeek-OCR-2"
+    assert "base_model: deepseek-community/DeepSeek-OCR-2" in files["README.md"].decode()
+    assert "No evaluation report was found" in files["README.md"].decode()
+
+
+def test_token_is_never_a_command_line_option():
+    parser = build_parser()
+    push = parser._subparsers._group_actions[0].choices["push"]
+    assert not [a for a in push._actions if any("token" in s for s in a.option_strings)]
