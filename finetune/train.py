@@ -101,6 +101,9 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     if mixed == "auto":
         mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(
+        # cpu=True without a GPU: accelerate then runs torchrun/accelerate-launch ranks
+        # as multi-CPU (gloo) instead of N independent single-process runs.
+        cpu=not on_gpu and not torch.backends.mps.is_available(),
         mixed_precision=mixed,
         # sync_with_dataloader=False: an epoch boundary must not end an accumulation window
         # early, or the per-token normalisation below would be wrong for that step.

@@ -47,3 +47,26 @@ def test_required_keys():
 def test_every_shipped_run_config_validates(path: Path):
     cfg = load_config(path)
     assert cfg.model.name and cfg.data.path and cfg.train.max_steps > 0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_loads_in_accelerate(path: Path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "bf16")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.sh")), ids=lambda p: p.name)
+def test_every_recipe_parses_and_names_shipped_configs(path: Path):
+    import re
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    text = path.read_text()
+    for header in ("# Purpose:", "# Data:", "# Hardware:", "# Wall time:", "# Metric:"):
+        assert header in text, f"{path.name} lacks {header}"
+    for ref in re.findall(r"configs/\S+\.yaml", text):
+        assert (REPO / ref).is_file(), ref
+        if ref.startswith("configs/runs/"):
+            load_config(REPO / ref)
