@@ -23,6 +23,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from data_prep import DEFAULT_PROMPT
+from data_prep.atomic import replace_dir
 from data_prep.images import DEFAULT_MAX_PIXELS, ImageError, encode_png, load_image, pixel_hash
 from data_prep.schema import FEATURES, Candidate, Reject, meta_json
 from data_prep.sources.folder import iter_folder
@@ -53,20 +54,6 @@ def iter_source(source: str, input_path: Path) -> Iterator[Candidate]:
             raise BuildError(f"--input {input_path}: no such manifest file")
         return iter_manifest(input_path)
     raise BuildError(f"--source {source!r}: unknown source; choose one of folder, manifest")
-
-
-def _write_atomically(staging: Path, output: Path, overwrite: bool) -> None:
-    """Move a finished staging dir into place; an existing output is replaced only when asked."""
-    if output.exists():
-        if not overwrite:
-            raise BuildError(f"--output {output} already exists; pass --overwrite to replace it")
-        backup = output.with_name(output.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        output.rename(backup)
-        staging.rename(output)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        staging.rename(output)
 
 
 def _card(report: dict) -> str:
@@ -223,7 +210,9 @@ def build_dataset(
         (staging / "ocrtune_dataset.json").write_text(
             json.dumps({"schema_version": SCHEMA_VERSION, "prompt": prompt}, indent=2) + "\n"
         )
-        _write_atomically(staging, output, overwrite)
+        if output.exists() and not overwrite:  # appeared while we were building
+            raise BuildError(f"--output {output} already exists; pass --overwrite to replace it")
+        replace_dir(staging, output)
         return BuildResult(output=output, report=report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

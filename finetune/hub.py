@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.runtime import ADAPTER_META, read_adapter_meta, replace_dir
+from data_prep.atomic import replace_dir
+from finetune.runtime import ADAPTER_META, read_adapter_meta
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 REPORT_NAME = "ocrtune_eval.json"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from finetune.metrics import HEADLINE, LEVEL_NAMES, LEVELS
-from finetune.runtime import write_text_atomic
+from data_prep.atomic import write_text_atomic
 
 
 def write_predictions(path: Path, ids, references, predictions_by_system: dict[str, list[str]], extra=None) -> None:

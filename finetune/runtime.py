@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -46,29 +43,3 @@ def choose_prompt(explicit: str | None, adapter_meta: dict | None, dataset_info:
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / ADAPTER_META
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(staging: Path, final: Path) -> None:
-    """Swap a finished staging directory into place; the old one goes only after."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final)

@@ -91,7 +91,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from data_prep.build import read_dataset_info
     from finetune.lora import format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
     from finetune.models import load_model
-    from finetune.runtime import ADAPTER_META, choose_prompt, replace_dir, resolve_dtype, resolve_vision, write_text_atomic
+    from data_prep.atomic import replace_dir, write_text_atomic
+    from finetune.runtime import ADAPTER_META, choose_prompt, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
 
     t = cfg.train
