@@ -44,3 +44,13 @@ def test_data_build_bad_source_and_existing_output(tmp_path):
     p = run_cli("data", "build", "--source", "folder", "--input", str(tmp_path / "scans"), "--output", str(tmp_path / "d"))
     assert p.returncode == 2 and "already exists" in p.stderr
     assert (tmp_path / "d" / "mine.txt").read_text() == "keep"
+
+
+def test_hub_id_that_cannot_be_downloaded_is_named(monkeypatch):
+    import pytest
+
+    from finetune.models import ModelNameError, resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine cannot reach the Hub anyway
+    with pytest.raises(ModelNameError, match="model 'someone/not-there': not a local directory and could not be downloaded"):
+        resolve_model("someone/not-there")

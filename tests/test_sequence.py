@@ -66,3 +66,11 @@ def test_prompt_must_have_one_image_placeholder(tiny):
 
     with pytest.raises(ValueError, match="exactly one <image>"):
         make_builder(tiny, "Free OCR.")
+
+
+def test_grounding_prompt_keeps_its_special_token(tiny):
+    builder = make_builder(tiny, "<image>\n<|grounding|>Convert the document to markdown.")
+    grounding = builder.tokenizer.convert_tokens_to_ids("<|grounding|>")
+    ids = builder.prompt_ids(145)
+    assert ids[:146] == [builder.bos_id] + [builder.image_token_id] * 145
+    assert ids.count(grounding) == 1 and ids[147] == grounding  # "\n" then the special token
