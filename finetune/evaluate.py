@@ -18,6 +18,20 @@ class EvalError(RuntimeError):
     pass
 
 
+class _LazyPages:
+    """(id, image) by index, decoded only when a batch needs it: memory stays flat."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        return row["id"], row["image"]
+
+
 def evaluate(
     model_name: str,
     data: str | Path,
@@ -83,7 +97,7 @@ def evaluate(
 
     ids = list(rows["id"])
     references = list(rows["markdown"])
-    pages = [(row["id"], row["image"]) for row in rows]
+    pages = _LazyPages(rows)
     expected = [builder.count_target_tokens(r) for r in references]
     predictions, generations = {}, {}
     for system in systems:
