@@ -28,7 +28,7 @@ from data_prep.images import DEFAULT_MAX_PIXELS, ImageError, encode_png, load_im
 from data_prep.schema import FEATURES, Candidate, Reject, meta_json
 from data_prep.sources.folder import iter_folder
 from data_prep.sources.manifest import iter_manifest
-from data_prep.split import assign_splits, merge_groups
+from data_prep.split import assign_splits, check_fractions, merge_groups
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "validation", "test")
@@ -98,6 +98,10 @@ def build_dataset(
     progress: bool = True,
 ) -> BuildResult:
     input_path, output = Path(input_path), Path(output)
+    try:
+        check_fractions(val_fraction, test_fraction)  # before any image is decoded
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
     if "<image>" not in prompt:
         raise BuildError(f"--prompt {prompt!r}: must contain the <image> placeholder")
     if output.exists() and not overwrite:

@@ -35,13 +35,17 @@ def merge_groups(groups: list[str], image_hashes: list[str]) -> list[str]:
     return [uf.find("g:" + g) for g in groups]
 
 
-def assign_splits(groups: list[str], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """'train' / 'validation' / 'test' per record, decided per group from a seeded hash order."""
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
             f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
             "and sum to less than 1"
         )
+
+
+def assign_splits(groups: list[str], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """'train' / 'validation' / 'test' per record, decided per group from a seeded hash order."""
+    check_fractions(val_fraction, test_fraction)
     sizes: dict[str, int] = {}
     for g in groups:
         sizes[g] = sizes.get(g, 0) + 1

@@ -90,9 +90,10 @@ def mean_sample_cer(edits: np.ndarray, lengths: np.ndarray) -> float:
 def system_metrics(references: list[str], predictions: list[str]) -> dict:
     out: dict = {"n": len(references)}
     for level in LEVELS:
-        edits, lengths = edit_counts(references, predictions, level)
-        out[f"cer_{level}"] = corpus_cer(edits, lengths)
-    edits, lengths = edit_counts(references, predictions, HEADLINE)
+        e, n = edit_counts(references, predictions, level)
+        out[f"cer_{level}"] = corpus_cer(e, n)
+        if level == HEADLINE:
+            edits, lengths = e, n
     out["cer"] = out[f"cer_{HEADLINE}"]
     out["cer_raw"] = out["cer_L0"]
     out["mean_sample_cer"] = mean_sample_cer(edits, lengths)

@@ -119,3 +119,10 @@ def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(BuildError, match="--input .*nope: not a directory"):
         build_dataset("folder", tmp_path / "nope", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_fractions_fail_before_any_work(tmp_path):
+    folder = make_folder(tmp_path / "scans", 3)
+    with pytest.raises(BuildError, match=r"--val-fraction \(0.6\) and --test-fraction \(0.5\)"):
+        build_dataset("folder", folder, tmp_path / "out", val_fraction=0.6, test_fraction=0.5, progress=False)
+    assert not (tmp_path / "out").exists()
