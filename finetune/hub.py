@@ -98,6 +98,10 @@ def stage(adapter_dir: Path, repo_id: str, base_model_id: str | None = None, rep
             raise PushError(f"{adapter_dir}: missing {name} (expected a directory written by ocrtune train)")
     if not _HUB_ID.match(repo_id):
         raise PushError(f"--repo-id {repo_id!r}: expected OWNER/NAME")
+    if base_model_id is not None and not _HUB_ID.match(base_model_id):
+        raise PushError(f"--base-model-id {base_model_id!r}: expected OWNER/NAME of a model on the Hub")
+    if report_path is not None and not Path(report_path).is_file():
+        raise PushError(f"--report {report_path}: no such file (expected report.json written by ocrtune eval)")
     meta = read_adapter_meta(adapter_dir)
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = base_model_id or adapter_config.get("base_model_name_or_path") or meta.get("base_model") or ""

@@ -99,3 +99,21 @@ def test_token_is_never_a_command_line_option():
     parser = build_parser()
     push = parser._subparsers._group_actions[0].choices["push"]
     assert not [a for a in push._actions if any("token" in s for s in a.option_strings)]
+
+
+def test_bad_report_path_and_base_id_are_named(tmp_path):
+    adapter = make_adapter(tmp_path / "a")
+    with pytest.raises(PushError, match=r"--report .*nope\.json: no such file"):
+        stage(adapter, "me/x", report_path=tmp_path / "nope.json")
+    with pytest.raises(PushError, match="--base-model-id 'not an id': expected OWNER/NAME"):
+        stage(adapter, "me/x", base_model_id="not an id")
+
+
+def test_push_cli_bad_report_exits_2_and_writes_nothing(tmp_path):
+    from tests.helpers import run_cli
+
+    adapter = make_adapter(tmp_path / "a")
+    p = run_cli("push", str(adapter), "--repo-id", "me/x", "--report", str(tmp_path / "nope.json"),
+                "--dry-run", str(tmp_path / "preview"))
+    assert p.returncode == 2 and "--report" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "preview").exists()
