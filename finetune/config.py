@@ -30,7 +30,6 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a directory written by `ocrtune data build` (required)
     train_split: str = "train"
-    eval_split: str = "validation"
     # None = the prompt recorded in the dataset (ocrtune data build --prompt), itself
     # defaulting to "<image>\nFree OCR.". The same prompt is stored with the adapter
     # so evaluation and serving reuse it.
