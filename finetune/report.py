@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.metrics import HEADLINE, LEVEL_NAMES, LEVELS
 from data_prep.atomic import write_text_atomic
+from finetune.metrics import HEADLINE, LEVEL_NAMES, LEVELS
 
 
 def write_predictions(path: Path, ids, references, predictions_by_system: dict[str, list[str]], extra=None) -> None:

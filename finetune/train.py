@@ -88,10 +88,10 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from data_prep.atomic import replace_dir, write_text_atomic
     from data_prep.build import read_dataset_info
     from finetune.lora import format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
     from finetune.models import load_model
-    from data_prep.atomic import replace_dir, write_text_atomic
     from finetune.runtime import ADAPTER_META, choose_prompt, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
 

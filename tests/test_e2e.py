@@ -143,7 +143,7 @@ def test_adapter_loads_with_plain_peft_in_fresh_process_and_changes_logits(loop)
     assert float(out["MAXDIFF"]) > 1e-3
 
 
-def test_batched_generation_equals_one_at_a_time(loop, tiny):
+def test_batched_generation_equals_one_at_a_time(loop):
     from datasets import load_from_disk
 
     from finetune.generate import generate_pages
