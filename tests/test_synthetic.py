@@ -1,0 +1,112 @@
+"""data_prep.render and data_prep.synthetic: fonts from packages, reproducible rendering,
+digit-scan shards kept inside one split."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from data_prep.build import build_dataset
+from data_prep.render import (
+    BOLD_FONTS,
+    HANDWRITING_FONTS,
+    PRINTED_FONTS,
+    FontError,
+    Span,
+    compose,
+    font_files,
+    pick_font,
+    text_mask,
+)
+from data_prep.synthetic import DigitScans, generate
+
+
+@pytest.mark.parametrize("spec", PRINTED_FONTS + BOLD_FONTS + HANDWRITING_FONTS)
+def test_every_shipped_font_spec_resolves_to_files(spec):
+    files = font_files(spec)
+    assert files and all(f.is_file() and f.suffix.lower() in (".ttf", ".otf") for f in files)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("package:no_such_font_pkg", "is not installed"),
+        ("matplotlib:NoSuchFont.ttf", "matplotlib has no NoSuchFont.ttf"),
+        ("/nonexistent/Hand.ttf", "no such font file"),
+        ("package:json", "contains no .ttf/.otf"),
+    ],
+)
+def test_bad_font_specs_are_named(spec, message):
+    with pytest.raises(FontError, match=message):
+        font_files(spec)
+
+
+def test_pick_font_refuses_text_no_font_can_draw():
+    with pytest.raises(FontError, match="no font among"):
+        pick_font(random.Random(0), HANDWRITING_FONTS, "漢字")
+
+
+def test_compose_without_augmentation_has_flat_paper_and_ink():
+    rng = random.Random(3)
+    font = font_files(PRINTED_FONTS[0])[0]
+    mask = text_mask([Span("Total 12", font)], 30, rng)
+    im = compose(mask, rng, None)
+    pixels = np.asarray(im).reshape(-1, 3)
+    alpha = np.asarray(mask).reshape(-1)
+    assert im.size == mask.size and im.mode == "RGB"
+    assert len(np.unique(pixels[alpha == 0], axis=0)) == 1  # one paper colour, no noise or shading
+    assert len(np.unique(pixels[alpha == 255], axis=0)) == 1  # one ink colour
+
+
+def test_generate_is_reproducible_and_seed_dependent(tmp_path):
+    a = generate("handwriting", 24, 5, tmp_path / "a", progress=False)
+    b = generate("handwriting", 24, 5, tmp_path / "b", progress=False)
+    c = generate("handwriting", 24, 6, tmp_path / "c", progress=False)
+    assert (a / "manifest.jsonl").read_text() == (b / "manifest.jsonl").read_text()
+    for i in range(24):
+        assert (a / f"images/{i:05d}.png").read_bytes() == (b / f"images/{i:05d}.png").read_bytes()
+    assert (a / "manifest.jsonl").read_text() != (c / "manifest.jsonl").read_text()
+    rows = [json.loads(x) for x in (a / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(r["markdown"].strip() for r in rows)
+    assert len({r["id"] for r in rows}) == 24
+    with pytest.raises(FileExistsError):
+        generate("handwriting", 2, 5, tmp_path / "a", progress=False)
+
+
+def test_digit_scans_shards_cover_every_digit_and_partition_the_set():
+    scans = DigitScans()
+    seen = [i for shard in scans.shards for i in shard]
+    assert seen == list(range(len(scans.targets)))  # every scan in exactly one shard
+    for per_digit in scans.by_shard:
+        assert all(per_digit[d] for d in range(10))
+
+
+def test_digit_scan_shards_never_cross_splits(tmp_path):
+    scans = generate("handwriting", 300, 0, tmp_path / "scans", progress=False)
+    rows = [json.loads(x) for x in (scans / "manifest.jsonl").read_text().splitlines()]
+    shard_rows = [r for r in rows if "digits_shard" in r]
+    assert len(shard_rows) > 20 and all(r["group"] == f"digits-shard-{r['digits_shard']}" for r in shard_rows)
+    build_dataset("manifest", scans / "manifest.jsonl", tmp_path / "data", test_fraction=0.2, progress=False)
+    data = load_from_disk(str(tmp_path / "data"))
+    owner = {}
+    for split in data:
+        for group in data[split]["group"]:
+            owner.setdefault(group, set()).add(split)
+    assert all(len(v) == 1 for v in owner.values())
+
+
+def test_synthetic_cli_errors_exit_2(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "data_prep.synthetic", *args], capture_output=True, text=True)
+
+    bad = run("--domain", "printed", "--n", "0", "--output", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--n 0" in bad.stderr and not (tmp_path / "x").exists()
+    (tmp_path / "y").mkdir()
+    exists = run("--domain", "printed", "--n", "2", "--output", str(tmp_path / "y"))
+    assert exists.returncode == 2 and "already exists" in exists.stderr
