@@ -54,6 +54,9 @@ class LoraSettings:
     # attention+mlp: + dense layer-0 MLP and the shared experts (good default).
     # all: + every routed expert through PEFT target_parameters (~30x more
     #      parameters on the full model; most capacity, most memory).
+    # full: no LoRA; every weight trains (vision too) and OUTPUT_DIR/model/ is a whole
+    #      checkpoint. For pretraining a small model; on the 3B model it needs
+    #      optimizer state for all weights (~16 bytes per parameter).
     preset: str = "attention+mlp"
     r: int = 16  # rank: capacity of the update; parameters grow linearly with r
     alpha: int = 16  # scale = alpha / r; keep alpha = r unless you know why
@@ -193,6 +196,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for key, value in (("model.name", cfg.model.name), ("data.path", cfg.data.path)):
         if not value:
             raise ConfigError(f"{where}{key} is required")
+    from finetune.lora import PRESETS
+
+    if cfg.lora.preset not in PRESETS + ("full",):
+        raise ConfigError(f"{where}lora.preset {cfg.lora.preset!r}: choose one of {', '.join(PRESETS + ('full',))}")
     return cfg
 
 

@@ -7,7 +7,8 @@
 
 Writes OUTPUT_DIR/adapter/ (adapter_model.safetensors, adapter_config.json,
 ocrtune_adapter.json), OUTPUT_DIR/config.yaml (the resolved config),
-OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/train_summary.json.
+OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/train_summary.json. With `lora.preset: full`
+every weight trains and OUTPUT_DIR/model/ is a whole checkpoint instead of adapter/.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ class TrainError(RuntimeError):
 @dataclass
 class TrainResult:
     output_dir: Path
-    adapter_dir: Path
+    saved_dir: Path  # OUTPUT_DIR/adapter, or OUTPUT_DIR/model for lora.preset=full
     summary: dict
-    model: torch.nn.Module  # the unwrapped PEFT model, for in-process inspection
+    model: torch.nn.Module  # the unwrapped (PEFT) model, for in-process inspection
 
 
 class _PageDataset(torch.utils.data.Dataset):
@@ -92,10 +93,12 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from data_prep.build import read_dataset_info
     from finetune.lora import format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
     from finetune.models import load_model
-    from finetune.runtime import ADAPTER_META, choose_prompt, resolve_dtype, resolve_vision
+    from finetune.runtime import ADAPTER_META, choose_prompt, flush_denormals_on_cpu, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
 
     t = cfg.train
+    full = cfg.lora.preset == "full"
+    flush_denormals_on_cpu()
     # --- Accelerator first: it decides device, precision and process layout. -------------
     on_gpu = torch.cuda.is_available()
     mixed = t.mixed_precision
@@ -140,12 +143,17 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     if not keep:
         raise TrainError(f"no training samples left in {data_path}:{cfg.data.train_split}")
 
-    model.requires_grad_(False)
-    targets = resolve_targets(model, cfg.lora.preset, family.LAYOUT)
-    model = get_peft_model(model, lora_config(targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout))
-    model.peft_config["default"].base_model_name_or_path = resolved.name
-    ledger = parameter_ledger(model, family.LAYOUT)
-    say(f"LoRA preset {cfg.lora.preset!r}, r={cfg.lora.r}, alpha={cfg.lora.alpha}\n{format_ledger(ledger)}")
+    if full:
+        model.requires_grad_(True)
+        ledger = parameter_ledger(model, family.LAYOUT)
+        say(f"full-parameter training (lora.preset 'full')\n{format_ledger(ledger)}")
+    else:
+        model.requires_grad_(False)
+        targets = resolve_targets(model, cfg.lora.preset, family.LAYOUT)
+        model = get_peft_model(model, lora_config(targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout))
+        model.peft_config["default"].base_model_name_or_path = resolved.name
+        ledger = parameter_ledger(model, family.LAYOUT)
+        say(f"LoRA preset {cfg.lora.preset!r}, r={cfg.lora.r}, alpha={cfg.lora.alpha}\n{format_ledger(ledger)}")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -222,10 +230,10 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     if metrics_fh:
         metrics_fh.close()
 
-    # --- save: adapter into a staging dir, then renamed into place --------------------------
+    # --- save: adapter (or whole model) into a staging dir, then renamed into place ---------
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    adapter_dir = output_dir / "adapter"
+    saved_dir = output_dir / ("model" if full else "adapter")
     summary = {
         "base_model": resolved.name,
         "family": family.MODEL_TYPE,
@@ -239,7 +247,14 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         "ledger": ledger,
         "versions": _versions(),
     }
-    if main:
+    if main and full:
+        staging = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=output_dir))
+        unwrapped.save_pretrained(str(staging))
+        processor.save_pretrained(str(staging))
+        replace_dir(staging, saved_dir)
+        write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        say(f"model written to {saved_dir}")
+    elif main:
         staging = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=output_dir))
         save_adapter(unwrapped, staging, family.ADAPTER_DISK_RENAMES)
         (staging / "README.md").unlink(missing_ok=True)  # `ocrtune push` writes the real card
@@ -254,13 +269,13 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             "steps": t.max_steps,
         }
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        replace_dir(staging, adapter_dir)
+        replace_dir(staging, saved_dir)
         write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-        say(f"adapter written to {adapter_dir}")
+        say(f"adapter written to {saved_dir}")
     if cfg.report_to:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return TrainResult(output_dir, adapter_dir, summary, unwrapped)
+    return TrainResult(output_dir, saved_dir, summary, unwrapped)
 
 
 def _versions() -> dict:

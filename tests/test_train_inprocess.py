@@ -45,3 +45,31 @@ def test_token_loss_sum_matches_full_cross_entropy(tiny):
         ref = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                               ignore_index=-100, reduction="sum")
     assert torch.allclose(ours, ref, rtol=1e-5)
+
+
+def test_full_preset_trains_every_weight_and_saves_a_loadable_checkpoint(tiny_dataset, tmp_path):
+    cfg = load_config(REPO / "configs/runs/tiny_smoke.yaml",
+                      [f"data.path={tiny_dataset}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                       "lora.preset=full", "train.lr=1e-3"])
+    result = train(cfg, progress=False)
+    assert result.saved_dir == tmp_path / "run" / "model"
+    assert not (tmp_path / "run" / "adapter").exists()
+    written = sorted(p.name for p in result.saved_dir.iterdir())
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(written)
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no staging left behind
+    _, before, _ = load_model(TINY)
+    _, after, _ = load_model(str(result.saved_dir))
+    old = dict(before.named_parameters())
+    changed = {name.split(".")[1] for name, p in after.named_parameters()
+               if name.startswith("model.") and not torch.equal(p, old[name])}
+    assert {"vision_tower", "language_model", "multi_modal_projector"} <= changed
+    assert result.summary["ledger"]["total"]["trainable"] == result.summary["ledger"]["total"]["total"]
+
+
+def test_unknown_preset_is_a_config_error(tmp_path):
+    import pytest
+
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.preset 'everything': choose one of attention, attention\\+mlp, all, full"):
+        load_config(REPO / "configs/runs/tiny_smoke.yaml", ["data.path=x", "lora.preset=everything"])

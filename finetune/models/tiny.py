@@ -1,6 +1,7 @@
 """Build the tiny DeepSeek-OCR-2 checkpoints shipped in finetune/builtin/.
 
     python -m finetune.models.tiny --output finetune/builtin/tiny-random-deepseek-ocr-2
+    python -m finetune.models.tiny --size ocr --output runs/tiny-pretrain/init   (then recipes/tiny_pretrain.sh)
 
 Real transformers classes at tiny dimensions with seeded random weights, and a
 byte-level BPE tokenizer trained here on a small fixed corpus (any UTF-8 text encodes,
@@ -105,28 +106,94 @@ def tiny_config(vocab_size: int, image_token_id: int):
     )
 
 
-def build_tiny_random(output: Path, seed: int = 0) -> None:
+def ocr_config(vocab_size: int, image_token_id: int):
+    """Dimensions of builtin:tiny-deepseek-ocr-2, the pretrained tiny base (~1.3M parameters).
+
+    Sized for pretraining on two CPU cores: 384 px views with SAM patch 8 give the same
+    48x48 patch grid (and 144 queries) as the real model's 768 px views with patch 16.
+    SAM keeps windowed attention only: a global layer over 2,304 patches cost 4x the
+    whole step on CPU, and the Qwen2-style encoder after the 16x compression already
+    mixes the whole view.
+    """
+    from transformers import DeepseekOcr2Config
+
+    return DeepseekOcr2Config(
+        vision_config={
+            "sam_config": {
+                "hidden_size": 48,
+                "output_channels": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 384,
+                "patch_size": 8,
+                "window_size": 12,
+                "global_attn_indexes": [],
+                # SAM's config defaults to 1e-10 (the real model is only ever loaded from its
+                # checkpoint); from scratch that leaves the whole SAM stack outputting zeros.
+                "initializer_range": 0.02,
+                "mlp_dim": 96,
+                "downsample_channels": [96, 128],
+            },
+            "encoder_config": {
+                "hidden_size": 128,
+                "intermediate_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 1,
+                "max_position_embeddings": 512,
+            },
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "moe_intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 2,
+            "max_position_embeddings": 2048,
+        },
+        image_token_id=image_token_id,
+    )
+
+
+SIZES = {"random": (tiny_config, 192, 4), "ocr": (ocr_config, 384, 8)}  # config, view px, SAM patch
+
+
+def build_tiny_random(output: Path, seed: int = 0, size: str = "random") -> None:
     from transformers import DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor
     from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 
+    make_config, view, patch = SIZES[size]
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = tiny_config(len(tokenizer), image_token_id)
+    config = make_config(len(tokenizer), image_token_id)
     torch.manual_seed(seed)
     model = DeepseekOcr2ForConditionalGeneration(config)
-    # transformers initialises these two near zero; give the random model some signal so
-    # outputs differ between images and LoRA updates visibly change logits.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() >= 2 or name.endswith("view_separator"):
+            if size == "random" and (param.dim() >= 2 or name.endswith("view_separator")):
+                # Large random weights so outputs differ between images and LoRA updates
+                # visibly change logits in tests.
                 param.normal_(0.0, 0.2)
+            elif size == "ocr" and float(param.abs().max()) == 0.0 and param.dim() >= 1 and "norm" not in name:
+                # A starting point for pretraining: nothing left at exactly zero (the
+                # query tables and view separator start there), at the usual 0.02 scale.
+                param.normal_(0.0, 0.02)
     model.generation_config.bos_token_id = 0
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 2
     image_processor = DeepseekOcr2ImageProcessorPil(
-        size={"height": 192, "width": 192}, tile_size=192, crop_to_patches=False, min_patches=2, max_patches=6
+        size={"height": view, "width": view}, tile_size=view, crop_to_patches=False, min_patches=2, max_patches=6
     )
-    processor = DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4, downsample_ratio=4)
+    processor = DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch, downsample_ratio=4)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output))
     processor.save_pretrained(str(output))
@@ -136,8 +203,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(SIZES), default="random",
+                        help="random: the 0.2M-parameter test model; ocr: the init of the pretrained tiny base")
     args = parser.parse_args(argv)
-    build_tiny_random(args.output, seed=args.seed)
+    build_tiny_random(args.output, seed=args.seed, size=args.size)
 
 
 if __name__ == "__main__":
