@@ -138,14 +138,23 @@ class Line:
         return f"**{self.label}** {self.value}" if self.label else self.value
 
 
-def random_line(rng: random.Random, code_share: float) -> Line:
-    """A line of a random kind; `code_share` of them are random-character codes."""
-    kind = "code" if rng.random() < code_share else rng.choice(tuple(k for k in VALUES if k != "code"))
-    value = VALUES[kind](rng)
-    label = None
-    if kind in LABELS and rng.random() < 0.5:
-        label = rng.choice(LABELS[kind]) + ":"
-    return Line(label, value, kind)
+def random_line(rng: random.Random, code_share: float, max_chars: int | None = None) -> Line:
+    """A line of a random kind; `code_share` of them are random-character codes.
+
+    With `max_chars`, lines are drawn again until they fit (codes are cut to fit): short
+    lines fill the view with large glyphs, an easy first stage when pretraining.
+    """
+    while True:
+        kind = "code" if rng.random() < code_share else rng.choice(tuple(k for k in VALUES if k != "code"))
+        value = VALUES[kind](rng)
+        if kind == "code" and max_chars is not None:
+            value = value[: rng.randint(1, max_chars)]
+        label = None
+        if kind in LABELS and rng.random() < 0.5:
+            label = rng.choice(LABELS[kind]) + ":"
+        line = Line(label, value, kind)
+        if max_chars is None or len(line.markdown) <= max_chars:
+            return line
 
 
 @dataclass(frozen=True)
@@ -230,7 +239,8 @@ def render_line(line: Line, domain: Domain, rng: random.Random, digits: DigitSca
     return compose(mask, rng, AUGMENTS[domain.augment]), how
 
 
-def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: bool = True) -> Path:
+def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: bool = True,
+             max_chars: int | None = None) -> Path:
     """Render `n` lines of a domain into OUTPUT (images/ + manifest.jsonl), atomically."""
     from tqdm.auto import tqdm
 
@@ -238,6 +248,8 @@ def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: 
         raise ValueError(f"--domain {domain_name!r}: choose one of {', '.join(DOMAINS)}")
     if n < 1:
         raise ValueError(f"--n {n}: must be at least 1")
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"--max-chars {max_chars}: must be at least 1")
     domain = DOMAINS[domain_name]
     output = Path(output)
     if output.exists():
@@ -253,7 +265,7 @@ def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: 
     (staging / "images").mkdir(parents=True)
     rows = []
     for i in tqdm(range(n), desc=f"render {domain_name}", unit="img", disable=not progress):
-        line = random_line(rng, domain.code_share)
+        line = random_line(rng, domain.code_share, max_chars)
         image, how = render_line(line, domain, rng, digits)
         rel = f"images/{i:05d}.png"
         image.save(staging / rel)
@@ -271,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, required=True, help="number of lines to render")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--max-chars", type=int, default=None, help="only lines of at most this many characters")
     args = parser.parse_args(argv)
     try:
-        generate(args.domain, args.n, args.seed, args.output)
+        generate(args.domain, args.n, args.seed, args.output, max_chars=args.max_chars)
     except (ValueError, FileExistsError, FontError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

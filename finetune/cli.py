@@ -1,5 +1,6 @@
 """The `ocrtune` command.
 
+    ocrtune demo                      (the whole job on a laptop CPU in minutes; see finetune/demo.py)
     ocrtune data build --source folder --input scans/ --output runs/data
     ocrtune train configs/runs/tiny_smoke.yaml data.path=runs/data
     ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --data runs/data --output runs/tiny-smoke/eval
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ocrtune", description="Adapt DeepSeek-OCR to your documents with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="adapt the tiny printed-text base to handwriting on this CPU, with a report",
+                   add_help=False)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     b = data.add_parser("build", help="build a dataset from scans + transcripts")
@@ -117,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from finetune.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from data_prep.build import BuildError

@@ -54,10 +54,9 @@ def evaluate(
     from finetune.metrics import HEADLINE, LEVELS, paired_bootstrap, system_metrics
     from finetune.models import load_model
     from finetune.report import write_predictions, write_report
-    from finetune.runtime import choose_prompt, flush_denormals_on_cpu, read_adapter_meta, resolve_dtype, resolve_vision
+    from finetune.runtime import choose_prompt, read_adapter_meta, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
 
-    flush_denormals_on_cpu()
     data, output = Path(data), Path(output)
     if not (data / "dataset_dict.json").is_file():
         raise EvalError(f"--data {data}: not a dataset directory (build one with `ocrtune data build`)")

@@ -12,18 +12,6 @@ from data_prep import DEFAULT_PROMPT
 ADAPTER_META = "ocrtune_adapter.json"
 
 
-def flush_denormals_on_cpu() -> None:
-    """Treat subnormal floats as zero on CPU (a process-wide switch, set by entry points).
-
-    Small models and small LoRA updates produce gradients near 1e-38; x86 cores handle
-    those in microcode, and one training step of the tiny model ran 5x slower
-    (benchmarks/denormals.py). Values that small carry no information for training or
-    decoding. GPUs already flush them in their fast paths.
-    """
-    if not torch.cuda.is_available():
-        torch.set_flush_denormal(True)
-
-
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32

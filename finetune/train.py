@@ -93,12 +93,11 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from data_prep.build import read_dataset_info
     from finetune.lora import format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
     from finetune.models import load_model
-    from finetune.runtime import ADAPTER_META, choose_prompt, flush_denormals_on_cpu, resolve_dtype, resolve_vision
+    from finetune.runtime import ADAPTER_META, choose_prompt, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
 
     t = cfg.train
     full = cfg.lora.preset == "full"
-    flush_denormals_on_cpu()
     # --- Accelerator first: it decides device, precision and process layout. -------------
     on_gpu = torch.cuda.is_available()
     mixed = t.mixed_precision

@@ -110,3 +110,11 @@ def test_synthetic_cli_errors_exit_2(tmp_path):
     (tmp_path / "y").mkdir()
     exists = run("--domain", "printed", "--n", "2", "--output", str(tmp_path / "y"))
     assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
+def test_max_chars_keeps_only_short_lines(tmp_path):
+    out = generate("printed", 40, 2, tmp_path / "short", progress=False, max_chars=6)
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all(1 <= len(r["markdown"]) <= 6 for r in rows)
+    with pytest.raises(ValueError, match="--max-chars 0"):
+        generate("printed", 2, 2, tmp_path / "none", progress=False, max_chars=0)

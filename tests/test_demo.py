@@ -1,0 +1,83 @@
+"""`ocrtune demo`, shortened (fewer lines, fewer steps), through the real CLI in a fresh process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from finetune.metrics import edit_counts
+from tests.helpers import run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = run_cli("demo", "--output", str(out), "--lines", "500", "--steps", "80", "--no-progress")
+    return {"out": out, "proc": proc}
+
+
+def test_demo_exits_zero_and_prints_the_table(demo):
+    proc = demo["proc"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in range(1, 6):
+        assert f"[{step}/5]" in proc.stdout
+    assert "\nbase " in proc.stdout
+    assert "adapted (LoRA on the decoder)" in proc.stdout
+    assert "change, 95% CI" in proc.stdout
+
+
+def test_demo_writes_every_artifact(demo):
+    out = demo["out"]
+    for rel in ("report.json", "report.md", "predictions.jsonl", "eval-base/report.json", "run/metrics.jsonl",
+                "run/adapter/adapter_model.safetensors", "run/adapter/ocrtune_adapter.json", "scans/manifest.jsonl",
+                "data/build_report.json"):
+        assert (out / rel).is_file(), rel
+    for png in ("cer_per_sample.png", "loss.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
+
+
+def test_demo_report_structure_and_recomputation(demo):
+    out = demo["out"]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["systems"]) == {"base", "adapted"}
+    assert report["model"] == "builtin:tiny-random-deepseek-ocr-2"
+    c = report["comparison"]
+    assert c["cer_delta"] == pytest.approx(report["systems"]["adapted"]["cer"] - report["systems"]["base"]["cer"])
+    lo, hi = c["cer_delta_ci95"]
+    assert lo <= c["cer_delta"] <= hi
+    assert set(report["demo"]["timings"]) >= {"render_s", "build_s", "eval_base_s", "train_s", "eval_s", "total_s"}
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == report["systems"]["base"]["n"] == report["demo"]["counts"]["test"]
+    refs = [r["reference"] for r in rows]
+    for system in ("base", "adapted"):
+        edits, lengths = edit_counts(refs, [r["predictions"][system] for r in rows], "L1")
+        assert report["systems"][system]["cer"] == pytest.approx(edits.sum() / lengths.sum(), abs=1e-12)
+    # The base evaluated before training reads exactly as the base beside the adapter.
+    before = {json.loads(x)["id"]: json.loads(x)["predictions"]["base"]
+              for x in (out / "eval-base/predictions.jsonl").read_text().splitlines()}
+    assert before == {r["id"]: r["predictions"]["base"] for r in rows}
+
+
+def test_demo_test_lines_never_seen_in_training(demo):
+    data = load_from_disk(str(demo["out"] / "data"))
+    train_ids, test_ids = set(data["train"]["id"]), set(data["test"]["id"])
+    assert test_ids and not train_ids & test_ids
+    assert not set(data["train"]["group"]) & set(data["test"]["group"])  # digit-scan shards stay in one split
+
+
+def test_demo_adapter_lowers_cer(demo):
+    report = json.loads((demo["out"] / "report.json").read_text())
+    assert report["systems"]["adapted"]["cer"] < report["systems"]["base"]["cer"]
+    assert report["comparison"]["cer_delta_ci95"][1] < 0
+
+
+def test_demo_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = run_cli("demo", "--output", str(tmp_path), "--no-progress")
+    assert proc.returncode == 2
+    assert "already exists and is not empty" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
