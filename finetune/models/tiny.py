@@ -107,7 +107,7 @@ def tiny_config(vocab_size: int, image_token_id: int):
 
 
 def ocr_config(vocab_size: int, image_token_id: int):
-    """Dimensions of builtin:tiny-deepseek-ocr-2, the pretrained tiny base (~1.3M parameters).
+    """Dimensions meant for builtin:tiny-deepseek-ocr-2, the printed-text tiny base (1.4M parameters).
 
     Sized for pretraining on two CPU cores: 384 px views with SAM patch 8 give the same
     48x48 patch grid (and 144 queries) as the real model's 768 px views with patch 16.
