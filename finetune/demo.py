@@ -85,10 +85,11 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     from finetune.evaluate import evaluate
     from finetune.plots import plot_loss, plot_sample_cer
 
+    from finetune.models import resolve_model
+
     out = Path(s.output)
     if out.exists() and any(out.iterdir()) and not s.overwrite:
         raise DemoError(f"--output {out} already exists and is not empty; pass --overwrite or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
     recipe = shipped_config("runs/demo_handwriting.yaml")
     overrides = [f"data.path={out / 'data'}", f"output_dir={out / 'run'}", f"train.seed={s.seed}"]
     if s.model is not None:
@@ -97,6 +98,8 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
         overrides.append(f"train.max_steps={s.steps}")
     cfg = load_config(recipe, overrides)  # fails here, before any work, on a bad recipe or override
     model = cfg.model.name
+    resolve_model(model)  # an unknown model fails now, not after rendering and building
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings = {}
 

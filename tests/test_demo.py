@@ -81,3 +81,11 @@ def test_demo_refuses_a_non_empty_output(tmp_path):
     assert proc.returncode == 2
     assert "already exists and is not empty" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_demo_unknown_model_fails_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--output", str(out), "--model", "builtin:no-such-model", "--no-progress")
+    assert proc.returncode == 2
+    assert "unknown model 'builtin:no-such-model'" in proc.stderr
+    assert not out.exists()
