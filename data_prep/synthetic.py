@@ -26,7 +26,9 @@ import argparse
 import calendar
 import json
 import random
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,23 +259,22 @@ def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: 
     rng = random.Random(seed)
     digits = DigitScans() if domain.real_digit_share > 0 else None
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.tmp-{seed}"
-    if staging.exists():
-        import shutil
-
-        shutil.rmtree(staging)
-    (staging / "images").mkdir(parents=True)
-    rows = []
-    for i in tqdm(range(n), desc=f"render {domain_name}", unit="img", disable=not progress):
-        line = random_line(rng, domain.code_share, max_chars)
-        image, how = render_line(line, domain, rng, digits)
-        rel = f"images/{i:05d}.png"
-        image.save(staging / rel)
-        group = f"digits-shard-{how['digits_shard']}" if "digits_shard" in how else f"{domain_name}-{i:05d}"
-        rows.append({"image": rel, "markdown": line.markdown, "id": f"{domain_name}-{i:05d}", "group": group,
-                     "domain": domain_name, **how})
-    (staging / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    replace_dir(staging, output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:  # a failed or interrupted render leaves nothing behind
+        (staging / "images").mkdir()
+        rows = []
+        for i in tqdm(range(n), desc=f"render {domain_name}", unit="img", disable=not progress):
+            line = random_line(rng, domain.code_share, max_chars)
+            image, how = render_line(line, domain, rng, digits)
+            rel = f"images/{i:05d}.png"
+            image.save(staging / rel)
+            group = f"digits-shard-{how['digits_shard']}" if "digits_shard" in how else f"{domain_name}-{i:05d}"
+            rows.append({"image": rel, "markdown": line.markdown, "id": f"{domain_name}-{i:05d}", "group": group,
+                         "domain": domain_name, **how})
+        (staging / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        replace_dir(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

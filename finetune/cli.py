@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ocrtune", description="Adapt DeepSeek-OCR to your documents with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="adapt the tiny printed-text base to handwriting on this CPU, with a report",
+    sub.add_parser("demo", help="adapt a tiny base to a synthetic handwriting domain on this CPU, with a report",
                    add_help=False)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

@@ -196,10 +196,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for key, value in (("model.name", cfg.model.name), ("data.path", cfg.data.path)):
         if not value:
             raise ConfigError(f"{where}{key} is required")
-    from finetune.lora import PRESETS
+    from finetune.lora import PRESET_CHOICES
 
-    if cfg.lora.preset not in PRESETS + ("full",):
-        raise ConfigError(f"{where}lora.preset {cfg.lora.preset!r}: choose one of {', '.join(PRESETS + ('full',))}")
+    if cfg.lora.preset not in PRESET_CHOICES:
+        raise ConfigError(f"{where}lora.preset {cfg.lora.preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
     return cfg
 
 

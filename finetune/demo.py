@@ -18,6 +18,7 @@ OUTPUT/cer_per_sample.png and OUTPUT/loss.png.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,7 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     from finetune.config import load_config
     from finetune.evaluate import evaluate
     from finetune.plots import plot_loss, plot_sample_cer
+    from finetune.report import write_report
 
     from finetune.models import resolve_model
 
@@ -105,9 +107,7 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
 
     t0 = _step(1, f"render {s.lines} handwritten lines -> {out / 'scans'}")
     scans = out / "scans"
-    if scans.exists():
-        import shutil
-
+    if scans.exists():  # only with --overwrite: a non-empty --output was refused above
         shutil.rmtree(scans)
     generate("handwriting", s.lines, s.seed, scans, progress=progress)
     timings["render_s"] = time.perf_counter() - t0
@@ -152,8 +152,6 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     timings["total_s"] = time.perf_counter() - started
     report["demo"] = {"settings": {f.name: getattr(s, f.name) for f in fields(s)}, "counts": counts,
                       "timings": timings, "recipe": str(recipe)}
-    from finetune.report import write_report
-
     write_report(out, report)
     print("\n" + format_table(report))
     print(f"\nwall time {timings['total_s']:.0f} s. Report: {out / 'report.md'}; plots: {out / 'cer_per_sample.png'}, "

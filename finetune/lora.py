@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from torch import nn
 
 PRESETS = ("attention", "attention+mlp", "all")
+FULL = "full"  # no LoRA: train.py trains every weight and saves a whole checkpoint
+PRESET_CHOICES = PRESETS + (FULL,)  # what lora.preset accepts
 GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "vision", "projector", "other")
 
 

@@ -91,13 +91,13 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
     from data_prep.atomic import replace_dir, write_text_atomic
     from data_prep.build import read_dataset_info
-    from finetune.lora import format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
+    from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
     from finetune.models import load_model
     from finetune.runtime import ADAPTER_META, choose_prompt, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
 
     t = cfg.train
-    full = cfg.lora.preset == "full"
+    full = cfg.lora.preset == FULL
     # --- Accelerator first: it decides device, precision and process layout. -------------
     on_gpu = torch.cuda.is_available()
     mixed = t.mixed_precision
@@ -145,7 +145,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     if full:
         model.requires_grad_(True)
         ledger = parameter_ledger(model, family.LAYOUT)
-        say(f"full-parameter training (lora.preset 'full')\n{format_ledger(ledger)}")
+        say(f"full-parameter training (lora.preset {FULL!r})\n{format_ledger(ledger)}")
     else:
         model.requires_grad_(False)
         targets = resolve_targets(model, cfg.lora.preset, family.LAYOUT)
@@ -246,31 +246,28 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         "ledger": ledger,
         "versions": _versions(),
     }
-    if main and full:
-        staging = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=output_dir))
-        unwrapped.save_pretrained(str(staging))
-        processor.save_pretrained(str(staging))
+    if main:
+        staging = Path(tempfile.mkdtemp(prefix=f".{saved_dir.name}.tmp-", dir=output_dir))
+        if full:
+            unwrapped.save_pretrained(str(staging))
+            processor.save_pretrained(str(staging))
+        else:
+            save_adapter(unwrapped, staging, family.ADAPTER_DISK_RENAMES)
+            (staging / "README.md").unlink(missing_ok=True)  # `ocrtune push` writes the real card
+            meta = {
+                "base_model": resolved.name,
+                "base_model_is_local_path": resolved.is_local_path,
+                "family": family.MODEL_TYPE,
+                "prompt": prompt,
+                "vision": vision.as_dict(),
+                "lora": to_dict(cfg.lora),
+                "dataset": str(data_path),
+                "steps": t.max_steps,
+            }
+            (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         replace_dir(staging, saved_dir)
         write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-        say(f"model written to {saved_dir}")
-    elif main:
-        staging = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=output_dir))
-        save_adapter(unwrapped, staging, family.ADAPTER_DISK_RENAMES)
-        (staging / "README.md").unlink(missing_ok=True)  # `ocrtune push` writes the real card
-        meta = {
-            "base_model": resolved.name,
-            "base_model_is_local_path": resolved.is_local_path,
-            "family": family.MODEL_TYPE,
-            "prompt": prompt,
-            "vision": vision.as_dict(),
-            "lora": to_dict(cfg.lora),
-            "dataset": str(data_path),
-            "steps": t.max_steps,
-        }
-        (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        replace_dir(staging, saved_dir)
-        write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-        say(f"adapter written to {saved_dir}")
+        say(f"{'model' if full else 'adapter'} written to {saved_dir}")
     if cfg.report_to:
         accelerator.end_training()
     accelerator.wait_for_everyone()

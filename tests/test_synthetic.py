@@ -118,3 +118,20 @@ def test_max_chars_keeps_only_short_lines(tmp_path):
     assert len(rows) == 40 and all(1 <= len(r["markdown"]) <= 6 for r in rows)
     with pytest.raises(ValueError, match="--max-chars 0"):
         generate("printed", 2, 2, tmp_path / "none", progress=False, max_chars=0)
+
+
+def test_failed_render_leaves_nothing_behind(tmp_path, monkeypatch):
+    import data_prep.synthetic as synthetic
+
+    real, calls = synthetic.render_line, []
+
+    def fails_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(synthetic, "render_line", fails_on_third)
+    with pytest.raises(RuntimeError, match="disk full"):
+        generate("printed", 5, 0, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
