@@ -1,7 +1,9 @@
-"""Build a dataset: `ocrtune data build --source folder|manifest --input PATH --output DIR`.
+"""Build a dataset: `ocrtune data build --source KIND --input PATH --output DIR`.
 
-Validates every candidate (image decodes safely, transcript is clean UTF-8), rejects
-what fails with a reason, splits by group and writes, atomically:
+KIND is one of data_prep.sources.SOURCES (folder, manifest, hf, pdf, iam, funsd,
+synthetic). Validates every candidate (image decodes safely, transcript is clean UTF-8,
+target within the token budget), rejects what fails with a reason, lists what it
+repaired, groups exact and near-duplicate images, splits by group and writes, atomically:
 
     DIR/                      datasets.load_from_disk(DIR) -> DatasetDict(train, validation, test)
     DIR/build_report.json     counts, every rejected item and why, split and leakage check
@@ -24,11 +26,11 @@ from tqdm.auto import tqdm
 
 from data_prep import DEFAULT_PROMPT
 from data_prep.atomic import replace_dir
-from data_prep.images import DEFAULT_MAX_PIXELS, ImageError, encode_png, load_image, pixel_hash
-from data_prep.schema import FEATURES, Candidate, Reject, meta_json
-from data_prep.sources.folder import iter_folder
-from data_prep.sources.manifest import iter_manifest
-from data_prep.split import assign_splits, check_fractions, merge_groups
+from data_prep.images import DEFAULT_MAX_PIXELS, NEAR_HASH_BITS, ImageError, encode_png, near_hash, open_image, pixel_hash
+from data_prep.preprocess import Preprocess
+from data_prep.schema import FEATURES, Reject, meta_json
+from data_prep.sources import open_source
+from data_prep.split import assign_splits, check_fractions, merge_groups, near_pairs
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "validation", "test")
@@ -42,18 +44,6 @@ class BuildError(RuntimeError):
 class BuildResult:
     output: Path
     report: dict
-
-
-def iter_source(source: str, input_path: Path) -> Iterator[Candidate]:
-    if source == "folder":
-        if not input_path.is_dir():
-            raise BuildError(f"--input {input_path}: not a directory (the folder source needs a folder of images)")
-        return iter_folder(input_path)
-    if source == "manifest":
-        if not input_path.is_file():
-            raise BuildError(f"--input {input_path}: no such manifest file")
-        return iter_manifest(input_path)
-    raise BuildError(f"--source {source!r}: unknown source; choose one of folder, manifest")
 
 
 def _card(report: dict) -> str:
@@ -73,15 +63,44 @@ def _card(report: dict) -> str:
         *[f"| {s} | {c[s]} |" for s in SPLITS],
         "",
         f"Candidates: {c['candidates']}, accepted: {c['accepted']}, rejected: {c['rejected']} "
-        "(each listed with its reason in build_report.json).",
+        f"(each listed with its reason in build_report.json), repaired on load: {c['fixed']}.",
         "",
-        f"Splits are grouped (declared groups merged with identical images), seed {report['split']['seed']}. "
-        f"Leakage check: {report['leakage']['shared_groups']} groups and "
-        f"{report['leakage']['shared_images']} images shared between splits.",
+        "Preprocessing: " + (
+            ", ".join(f"{k}={v}" for k, v in report["preprocess"].items()) if report["preprocess"] else "none"
+        ) + ".",
+        "",
+        "Token budget: " + (
+            f"targets of at most {report['token_budget']['max_target_tokens']} tokens under "
+            f"`{report['token_budget']['tokenizer']}` (longer ones rejected, never truncated)."
+            if report["token_budget"]["max_target_tokens"] else "not checked."
+        ),
+        "",
+        f"Splits are grouped (declared groups merged with identical and near-duplicate images, "
+        f"edge signatures at most {report['split']['near_duplicate_threshold']:.0%} apart), seed {report['split']['seed']}. "
+        f"Leakage check: {report['leakage']['shared_groups']} groups, "
+        f"{report['leakage']['shared_images']} images and {report['leakage']['shared_near_duplicates']} "
+        "near-duplicate pairs shared between splits.",
         "",
         "Columns: image (RGB, EXIF orientation applied), markdown (UTF-8, NFC, LF), id, group, source, meta (JSON).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _token_counter(tokenizer: str | None, max_target_tokens: int | None):
+    """target -> tokens the model is trained on (text + end-of-sequence), or None when unchecked."""
+    if max_target_tokens is None:
+        return None
+    if max_target_tokens < 1:
+        raise BuildError(f"--max-target-tokens {max_target_tokens}: must be at least 1")
+    if not tokenizer:
+        raise BuildError("--max-target-tokens needs --tokenizer (a model folder, builtin:NAME or Hub id)")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a bad name
+        raise BuildError(f"--tokenizer {tokenizer}: cannot load ({type(exc).__name__}: {exc})") from None
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) + 1
 
 
 def build_dataset(
@@ -96,21 +115,36 @@ def build_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     progress: bool = True,
+    source_options: dict | None = None,
+    max_target_tokens: int | None = None,
+    tokenizer: str | None = None,
+    near_duplicate_threshold: float = 0.05,
+    preprocess: Preprocess = Preprocess(),
 ) -> BuildResult:
+    """`near_duplicate_threshold`: images whose edge signatures (data_prep.images.near_hash)
+    differ in at most this share of their edges count as one page and always share a split
+    (0 = identical pixels only)."""
     input_path, output = Path(input_path), Path(output)
     try:
         check_fractions(val_fraction, test_fraction)  # before any image is decoded
+        if not 0 <= near_duplicate_threshold < 1:
+            raise ValueError(f"--near-duplicate-threshold {near_duplicate_threshold}: choose a share in [0, 1)")
+        options = dict(source_options or {})
+        if source == "pdf":
+            options.setdefault("max_pixels", max_pixels)  # refuse huge pages before rendering them
+        candidates = open_source(source, input_path, options)
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     if "<image>" not in prompt:
         raise BuildError(f"--prompt {prompt!r}: must contain the <image> placeholder")
     if output.exists() and not overwrite:
         raise BuildError(f"--output {output} already exists; pass --overwrite to replace it")
-    candidates = iter_source(source, input_path)
+    count_tokens = _token_counter(tokenizer, max_target_tokens)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         rejects: list[Reject] = []
+        fixed: list[dict] = []  # accepted items that needed a repair, and which
         kept: list[dict] = []  # light metadata only; pixels go straight to Arrow
         seen_ids: set[str] = set()
         n_candidates = 0
@@ -126,13 +160,31 @@ def build_dataset(
                 if cand.id in seen_ids:
                     rejects.append(Reject(item, f"duplicate id {cand.id!r}"))
                     continue
-                try:
-                    im = load_image(cand.image_path, max_pixels=max_pixels)
-                except ImageError as exc:
-                    rejects.append(Reject(item, f"{cand.image_path}: {exc}"))
+                if not cand.markdown or not cand.markdown.strip():
+                    rejects.append(Reject(item, "empty target"))
                     continue
+                if count_tokens is not None:
+                    n_tokens = count_tokens(cand.markdown)
+                    if n_tokens > max_target_tokens:
+                        rejects.append(Reject(item, f"target has {n_tokens} tokens > --max-target-tokens "
+                                                    f"{max_target_tokens} (never truncated; split the page or raise the limit)"))
+                        continue
+                try:
+                    im, fixes = open_image(cand.image_source, max_pixels=max_pixels)
+                except ImageError as exc:
+                    where = cand.image_path if cand.image_bytes is None else item
+                    rejects.append(Reject(item, f"{where}: {exc}"))
+                    continue
+                if cand.crop:
+                    im = im.crop(cand.crop)
+                    fixes.append(f"cropped to {list(cand.crop)}")
+                if preprocess.active:
+                    im, done = preprocess.apply(im)
+                    fixes.extend(done)
+                if fixes:
+                    fixed.append({"item": item, "fixes": fixes})
                 seen_ids.add(cand.id)
-                kept.append({"id": cand.id, "group": cand.group or cand.id, "hash": pixel_hash(im)})
+                kept.append({"id": cand.id, "group": cand.group or cand.id, "hash": pixel_hash(im), "near": near_hash(im)})
                 yield {
                     "image": {"bytes": encode_png(im), "path": None},
                     "markdown": cand.markdown,
@@ -144,13 +196,16 @@ def build_dataset(
 
         # Stream records straight into one Arrow file: memory stays flat however many pages.
         arrow_path = staging / "all.arrow"
-        with ArrowWriter(features=FEATURES, path=str(arrow_path)) as writer:
-            for rec in records():
-                writer.write(FEATURES.encode_example(rec))
-            writer.finalize()
+        try:
+            with ArrowWriter(features=FEATURES, path=str(arrow_path)) as writer:
+                for rec in records():
+                    writer.write(FEATURES.encode_example(rec))
+                writer.finalize()
+        except ValueError as exc:  # the source could not be read at all (layout, column, font)
+            raise BuildError(str(exc)) from None
         total = n_candidates
         if total == 0:
-            raise BuildError(f"--input {input_path}: no images or manifest lines found")
+            raise BuildError(f"--input {input_path}: no {source} items found")
         if len(rejects) / total > max_rejected:
             listing = "\n".join(f"  {r.item}: {r.reason}" for r in rejects[:50])
             raise BuildError(
@@ -160,45 +215,62 @@ def build_dataset(
         if not kept:
             raise BuildError("every item was rejected; nothing was written")
 
-        groups = merge_groups([k["group"] for k in kept], [k["hash"] for k in kept])
+        near = near_pairs([k["near"] for k in kept], near_duplicate_threshold, NEAR_HASH_BITS)
+        groups = merge_groups([k["group"] for k in kept], [k["hash"] for k in kept], near)
         split_names = assign_splits(groups, val_fraction, test_fraction, seed)
         full = datasets.Dataset.from_file(str(arrow_path))
         dd = datasets.DatasetDict(
             {s: full.select([i for i, name in enumerate(split_names) if name == s]) for s in SPLITS}
         )
 
-        # Leakage check on what is actually written: no group or identical image in two splits.
+        # Leakage check on what is actually written: no group, identical or near-identical
+        # image in two splits.
         owner_g: dict[str, set] = {}
         owner_h: dict[str, set] = {}
         for k, g, s in zip(kept, groups, split_names):
             owner_g.setdefault(g, set()).add(s)
             owner_h.setdefault(k["hash"], set()).add(s)
+        by_hash: dict[str, list[str]] = {}
+        for k in kept:
+            by_hash.setdefault(k["hash"], []).append(k["id"])
+        duplicates = [{"kind": "identical pixels", "ids": ids} for ids in by_hash.values() if len(ids) > 1]
+        duplicates += [{"kind": "near-duplicate", "ids": [kept[i]["id"], kept[j]["id"]]} for i, j in near
+                       if kept[i]["hash"] != kept[j]["hash"]]
         leakage = {
             "checked": True,
             "shared_groups": sum(len(v) > 1 for v in owner_g.values()),
             "shared_images": sum(len(v) > 1 for v in owner_h.values()),
+            "shared_near_duplicates": sum(split_names[i] != split_names[j] for i, j in near),
             "duplicate_images_merged": len(kept) - len(owner_h),
+            "near_duplicate_pairs": sum(1 for d in duplicates if d["kind"] == "near-duplicate"),
         }
-        if leakage["shared_groups"] or leakage["shared_images"]:
+        if leakage["shared_groups"] or leakage["shared_images"] or leakage["shared_near_duplicates"]:
             raise BuildError(f"internal error: leakage between splits {leakage}")
 
         report = {
             "schema_version": SCHEMA_VERSION,
             "source": source,
             "input": str(input_path),
+            "source_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
             "prompt": prompt,
             "counts": {
                 "candidates": total,
                 "accepted": len(kept),
                 "rejected": len(rejects),
+                "fixed": len(fixed),
                 **{s: len(dd[s]) for s in SPLITS},
             },
             "rejected": [r.as_dict() for r in rejects],
+            "fixed": fixed,
+            "duplicates": duplicates,
+            "token_budget": {"max_target_tokens": max_target_tokens, "tokenizer": tokenizer},
+            "preprocess": preprocess.describe() if preprocess.active else None,
             "split": {
                 "seed": seed,
                 "val_fraction": val_fraction,
                 "test_fraction": test_fraction,
                 "groups": len(set(groups)),
+                "near_duplicate_threshold": near_duplicate_threshold,
             },
             "leakage": leakage,
         }

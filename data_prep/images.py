@@ -25,42 +25,69 @@ class ImageError(ValueError):
     """An image that cannot be used; the message says why."""
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB the way a reader of the page would expect."""
+# What each decoder's format is usually called on disk, to notice a misnamed file.
+_EXTENSIONS_OF = {
+    "PNG": (".png",), "JPEG": (".jpg", ".jpeg", ".jpe"), "TIFF": (".tif", ".tiff"), "BMP": (".bmp",),
+    "WEBP": (".webp",), "GIF": (".gif",),
+}
+
+
+def _to_rgb(im: Image.Image, fixes: list[str]) -> Image.Image:
+    """Convert any PIL mode to RGB the way a reader of the page would expect; say what changed."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grey: scale the full range to 8 bits instead of clipping at 255.
         arr = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        fixes.append(f"{im.mode} grey scaled to 8 bits")
         return Image.fromarray(arr, mode="L").convert("RGB")
     if im.mode == "P":
+        fixes.append("palette image converted to RGB")
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA"):
         # Transparent pixels become white paper, not black.
+        fixes.append(f"{im.mode} composited on white")
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if im.mode == "CMYK":
         # JPEG CMYK from Adobe tools is stored inverted; PIL handles that on convert.
+        fixes.append("CMYK converted to RGB")
         return im.convert("RGB")
     if im.mode != "RGB":
         return im.convert("RGB")
     return im
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(src: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, fully decode and normalise one image to upright RGB, or raise ImageError."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror}") from exc
-    if size == 0:
-        raise ImageError("empty file (0 bytes)")
+    return open_image(src, max_pixels)[0]
+
+
+def open_image(src: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, list[str]]:
+    """Like `load_image`, and also the list of repairs made (for the build report).
+
+    `src` is a file path or the encoded bytes of an image (Hugging Face datasets, rendered
+    PDF pages); both go through the same checks.
+    """
+    fixes: list[str] = []
+    if isinstance(src, (bytes, bytearray)):
+        if not src:
+            raise ImageError("empty image (0 bytes)")
+        fp, suffix = io.BytesIO(src), None
+    else:
+        path = Path(src)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ImageError(f"cannot read: {exc.strerror}") from exc
+        if size == 0:
+            raise ImageError("empty file (0 bytes)")
+        fp, suffix = path, path.suffix.lower()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(fp) as im:
                 # The header gives the size before any pixel is decoded.
                 width, height = im.size
                 if width * height > max_pixels:
@@ -68,9 +95,14 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                         f"{width}x{height} = {width * height} pixels exceeds the cap of {max_pixels} "
                         "(decompression bomb guard; raise --max-pixels if the image is genuine)"
                     )
+                if suffix and im.format in _EXTENSIONS_OF and suffix not in _EXTENSIONS_OF[im.format]:
+                    fixes.append(f"named {suffix} but holds {im.format}; decoded by content")
                 im.load()  # a truncated file fails here, never silently padded
+                orientation = im.getexif().get(0x0112, 1)
+                if orientation not in (1, None):
+                    fixes.append(f"EXIF orientation {orientation} applied")
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+                return _to_rgb(im, fixes), fixes
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -85,6 +117,24 @@ def encode_png(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+NEAR_HASH_SIZE = (65, 32)  # thumbnail: fine enough that two different text lines differ
+NEAR_HASH_BITS = 2 * 64 * 32
+
+
+def near_hash(im: Image.Image) -> int:
+    """Edge signature for near-duplicate detection (rescans, recompression, resizing).
+
+    A grey 65x32 thumbnail (aspect ignored, so a text line keeps its detail); for each
+    horizontal neighbour pair one bit for "clearly brighter to the right" and one for
+    "clearly darker" (more than 12 grey levels). Flat paper sets no bits, so JPEG noise
+    and paper tint do not count; strokes do.
+    """
+    small = np.asarray(im.convert("L").resize(NEAR_HASH_SIZE, Image.BILINEAR), dtype=np.int16)
+    diff = small[:, 1:] - small[:, :-1]
+    bits = np.concatenate([(diff > 12).ravel(), (diff < -12).ravel()])
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def pixel_hash(im: Image.Image) -> str:

@@ -24,15 +24,21 @@ FEATURES = datasets.Features(
 
 @dataclass
 class Candidate:
-    """A record before validation: the image is still a path on disk."""
+    """A record before validation: the image is still a path on disk (or encoded bytes)."""
 
     id: str
-    image_path: Path
+    image_path: Path | None
     markdown: str | None  # None when the source could not produce text (reason in `problem`)
     group: str | None = None
     source: str = ""
     meta: dict = field(default_factory=dict)
     problem: str | None = None  # set by the adapter when the item is already known to be bad
+    image_bytes: bytes | None = None  # encoded image when it has no file of its own (hf, pdf, synthetic)
+    crop: tuple[int, int, int, int] | None = None  # (left, top, right, bottom) to keep, after EXIF rotation
+
+    @property
+    def image_source(self) -> Path | bytes:
+        return self.image_bytes if self.image_bytes is not None else self.image_path
 
 
 @dataclass

@@ -27,11 +27,43 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def merge_groups(groups: list[str], image_hashes: list[str]) -> list[str]:
-    """Final group label per record: declared groups joined through shared images."""
+def near_pairs(hashes: list[int], threshold: float, bits: int, bands: int = 64) -> list[tuple[int, int]]:
+    """Index pairs whose edge signatures differ in at most `threshold` of their set bits.
+
+    Candidates come from banding (the signature cut into `bands` slices; records that share
+    a non-blank slice exactly are compared), so the work stays near-linear; pairs this close
+    share many slices, so banding misses practically none of them. Blank slices (paper)
+    are skipped: they would put every margin in one bucket.
+    """
+    if threshold <= 0:
+        return []
+    width = bits // bands
+    mask = (1 << width) - 1
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i, h in enumerate(hashes):
+        for b in range(bands):
+            value = (h >> (b * width)) & mask
+            if value:
+                buckets.setdefault((b, value), []).append(i)
+    counts = [h.bit_count() for h in hashes]
+    pairs = set()
+    for members in buckets.values():
+        for x in range(len(members)):
+            for y in range(x + 1, len(members)):
+                i, j = members[x], members[y]
+                if (i, j) not in pairs and (hashes[i] ^ hashes[j]).bit_count() <= threshold * max(counts[i], counts[j], 1):
+                    pairs.add((i, j))
+    return sorted(pairs)
+
+
+def merge_groups(groups: list[str], image_hashes: list[str], near: list[tuple[int, int]] = ()) -> list[str]:
+    """Final group label per record: declared groups joined through identical images and
+    through near-duplicate pairs (indices into the lists)."""
     uf = _UnionFind()
     for g, h in zip(groups, image_hashes):
         uf.union("g:" + g, "h:" + h)
+    for i, j in near:
+        uf.union("g:" + groups[i], "g:" + groups[j])
     return [uf.find("g:" + g) for g in groups]
 
 

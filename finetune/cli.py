@@ -17,17 +17,49 @@ import sys
 from pathlib import Path
 
 
+# Which `data build` flags belong to which source (passed to that adapter as keyword arguments).
+SOURCE_FLAGS = {
+    "hf": {"image_column": "image_column", "text_column": "text_column", "group_column": "group_column",
+           "id_column": "id_column", "hf_config": "config", "hf_split": "split"},
+    "pdf": {"dpi": "dpi"},
+    "iam": {"iam_level": "level"},
+    "synthetic": {"fonts": "fonts", "augment": "augment", "synthetic_seed": "seed", "unit": "unit"},
+}
+
+
+def _source_options(args) -> dict:
+    flags = SOURCE_FLAGS.get(args.source, {})
+    given = {k for group in SOURCE_FLAGS.values() for k in group if getattr(args, k) is not None}
+    stray = sorted(given - set(flags))
+    if stray:
+        raise ValueError(f"--source {args.source} does not use {', '.join('--' + k.replace('_', '-') for k in stray)}")
+    options = {name: getattr(args, flag) for flag, name in flags.items() if getattr(args, flag) is not None}
+    if "fonts" in options:
+        options["fonts"] = tuple(f.strip() for f in options["fonts"].split(",") if f.strip())
+    return options
+
+
 def _data_build(args) -> int:
     from data_prep.build import build_dataset
+    from data_prep.preprocess import Preprocess
 
+    tokenizer = args.tokenizer
+    if tokenizer and tokenizer.startswith("builtin:"):
+        from finetune.models import resolve_model
+
+        tokenizer = str(resolve_model(tokenizer).path)
     result = build_dataset(
         args.source, args.input, args.output, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         seed=args.seed, prompt=args.prompt, max_rejected=args.max_rejected, max_pixels=args.max_pixels,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, source_options=_source_options(args),
+        max_target_tokens=args.max_target_tokens, tokenizer=tokenizer, near_duplicate_threshold=args.near_duplicate_threshold,
+        preprocess=Preprocess(deskew=args.deskew, binarize=args.binarize, upscale_min_side=args.upscale_min_side,
+                              downscale_max_side=args.downscale_max_side),
     )
     c = result.report["counts"]
     print(f"wrote {result.output}: train {c['train']}, validation {c['validation']}, test {c['test']}; "
-          f"rejected {c['rejected']} of {c['candidates']} (see {result.output / 'build_report.json'})")
+          f"rejected {c['rejected']} of {c['candidates']}, repaired {c['fixed']} "
+          f"(see {result.output / 'build_report.json'})")
     for r in result.report["rejected"][:20]:
         print(f"  rejected {r['item']}: {r['reason']}")
     return 0
@@ -63,6 +95,7 @@ def _push(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import DEFAULT_PROMPT
     from data_prep.images import DEFAULT_MAX_PIXELS
+    from data_prep.sources import SOURCES
 
     parser = argparse.ArgumentParser(prog="ocrtune", description="Adapt DeepSeek-OCR to your documents with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     b = data.add_parser("build", help="build a dataset from scans + transcripts")
-    b.add_argument("--source", required=True, choices=["folder", "manifest"])
-    b.add_argument("--input", required=True, type=Path, help="folder of images, or a JSONL manifest")
+    b.add_argument("--source", required=True, choices=SOURCES)
+    b.add_argument("--input", required=True, help="folder, manifest (.jsonl/.csv), PDF, corpus file, dataset path or Hub id")
     b.add_argument("--output", required=True, type=Path)
     b.add_argument("--val-fraction", type=float, default=0.1)
     b.add_argument("--test-fraction", type=float, default=0.1)
@@ -81,6 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-rejected", type=float, default=0.1, help="fail (writing nothing) above this share of rejects")
     b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression bomb guard")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    b.add_argument("--max-target-tokens", type=int, help="reject (never truncate) longer targets; needs --tokenizer")
+    b.add_argument("--tokenizer", help="tokenizer for --max-target-tokens: a model folder, builtin:NAME or Hub id")
+    b.add_argument("--near-duplicate-threshold", type=float, default=0.05,
+                   help="images whose edges differ by at most this share are one page (same split); 0 = identical only")
+    b.add_argument("--deskew", action="store_true", help="straighten tilted pages (recorded in the card)")
+    b.add_argument("--binarize", action="store_true", help="Otsu black/white (recorded in the card)")
+    b.add_argument("--upscale-min-side", type=int, default=0, help="enlarge images with a shorter side below this")
+    b.add_argument("--downscale-max-side", type=int, default=0, help="shrink images with a longer side above this")
+    hf = b.add_argument_group("--source hf")
+    hf.add_argument("--image-column", help="default: image")
+    hf.add_argument("--text-column", help="default: markdown")
+    hf.add_argument("--group-column", help="column naming writer/document/template (default: none)")
+    hf.add_argument("--id-column", help="default: SPLIT-ROW")
+    hf.add_argument("--hf-config", help="dataset configuration name (Hub datasets)")
+    hf.add_argument("--hf-split", help="read only this split (default: all)")
+    b.add_argument_group("--source pdf").add_argument("--dpi", type=int, help="page rendering resolution (default 144)")
+    b.add_argument_group("--source iam").add_argument("--iam-level", choices=["line", "page"], help="default: line")
+    syn = b.add_argument_group("--source synthetic")
+    syn.add_argument("--fonts", help="comma-separated font specs (matplotlib:FILE, package:NAME, path); default: printed")
+    syn.add_argument("--augment", choices=["none", "light", "scan"], help="scan-like augmentation (default light)")
+    syn.add_argument("--synthetic-seed", type=int, help="rendering seed (default 0)")
+    syn.add_argument("--unit", choices=["block", "line"], help="a sample per blank-line block (default) or per line")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_data_build)
 

@@ -15,7 +15,8 @@ def test_folder_build_lists_orphan_and_keeps_the_rest(tmp_path):
     res = build_dataset("folder", folder, tmp_path / "out", progress=False)
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     assert report == res.report
-    assert report["counts"] == {"candidates": 20, "accepted": 19, "rejected": 1, "train": 15, "validation": 2, "test": 2}
+    assert report["counts"] == {"candidates": 20, "accepted": 19, "rejected": 1, "fixed": 0,
+                                "train": 15, "validation": 2, "test": 2}
     assert report["rejected"] == [{"item": "page_007.png", "reason": "no transcript: expected page_007.md or page_007.txt"}]
     dd = load_from_disk(str(tmp_path / "out"))
     ids = sorted(list(dd["train"]["id"]) + list(dd["validation"]["id"]) + list(dd["test"]["id"]))
@@ -37,7 +38,9 @@ def test_same_seed_same_split_and_identical_images_share_a_split(tmp_path):
     assert splits(tmp_path / "a") == splits(tmp_path / "b")
     where = {i: s for s, ids in splits(tmp_path / "a").items() for i in ids}
     assert len({where[n] for n in ("page_004", "copy_0", "copy_1", "copy_2")}) == 1
-    assert a.report["leakage"] == {"checked": True, "shared_groups": 0, "shared_images": 0, "duplicate_images_merged": 3}
+    assert a.report["leakage"] == {"checked": True, "shared_groups": 0, "shared_images": 0, "shared_near_duplicates": 0,
+                                   "duplicate_images_merged": 3, "near_duplicate_pairs": 0}
+    assert a.report["duplicates"] == [{"kind": "identical pixels", "ids": ["copy_0", "copy_1", "copy_2", "page_004"]}]
 
 
 def test_manifest_rejects_traversal_absolute_and_bad_lines(tmp_path):

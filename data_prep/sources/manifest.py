@@ -1,13 +1,17 @@
-"""`manifest` source: a JSONL file, one object per line.
+"""`manifest` source: a JSONL or CSV file, one record per line / row.
 
-    {"image": "pages/001.png", "markdown": "# Title\n...", "id": "001", "group": "writer-7"}
+    pages.jsonl   {"image": "pages/001.png", "markdown": "# Title\n...", "id": "001", "group": "writer-7"}
+    pages.csv     image,markdown,id,group            (header row required; quote multi-line Markdown)
 
 `image` is relative to the manifest's folder and may not leave it. `id` defaults to the
-image path, `group` to the id; any other keys go into `meta`.
+image path, `group` to the id; any other keys/columns go into `meta`. The format is
+chosen by the extension: `.csv` is CSV, anything else is JSON Lines.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,28 +21,49 @@ from data_prep.sources.paths import UnsafePath, resolve_inside
 from data_prep.text import clean_text
 
 
-def iter_manifest(manifest: Path) -> Iterator[Candidate]:
-    manifest = Path(manifest)
-    root = manifest.parent
+def _decode(manifest: Path) -> str:
     raw = manifest.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{manifest}: not valid UTF-8 at line {line}") from exc
+        raise ValueError(
+            f"{manifest}: not valid UTF-8 at line {line} (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8"
+        ) from exc
+
+
+def _rows(manifest: Path, text: str) -> Iterator[tuple[str, object]]:
+    """(where, parsed row or an error message) per record."""
+    if manifest.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames:
+            return
+        for row in reader:
+            where = f"{manifest.name}:{reader.line_num}"
+            if None in row:  # more cells than header columns
+                yield where, "more cells than header columns"
+                continue
+            yield where, {k: v for k, v in row.items() if v not in (None, "")}
+        return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{manifest.name}:{lineno}"
-        cand = Candidate(id=where, image_path=root, markdown=None, source="manifest", meta={"line": lineno})
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            cand.problem = f"{where}: invalid JSON ({exc.msg})"
-            yield cand
+            yield where, f"invalid JSON ({exc.msg})"
             continue
-        if not isinstance(obj, dict):
-            cand.problem = f"{where}: expected a JSON object"
+        yield where, obj if isinstance(obj, dict) else "expected a JSON object"
+
+
+def iter_manifest(manifest: Path) -> Iterator[Candidate]:
+    manifest = Path(manifest)
+    root = manifest.parent
+    for where, obj in _rows(manifest, _decode(manifest)):
+        cand = Candidate(id=where, image_path=root, markdown=None, source="manifest", meta={"line": int(where.rsplit(":", 1)[1])})
+        if isinstance(obj, str):
+            cand.problem = f"{where}: {obj}"
             yield cand
             continue
         missing = [k for k in ("image", "markdown") if k not in obj]
