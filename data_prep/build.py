@@ -118,7 +118,7 @@ def build_dataset(
     source_options: dict | None = None,
     max_target_tokens: int | None = None,
     tokenizer: str | None = None,
-    near_duplicate_threshold: float = 0.05,
+    near_duplicate_threshold: float = 0.15,
     preprocess: Preprocess = Preprocess(),
 ) -> BuildResult:
     """`near_duplicate_threshold`: images whose edge signatures (data_prep.images.near_hash)

@@ -126,12 +126,18 @@ NEAR_HASH_BITS = 2 * 64 * 32
 def near_hash(im: Image.Image) -> int:
     """Edge signature for near-duplicate detection (rescans, recompression, resizing).
 
-    A grey 65x32 thumbnail (aspect ignored, so a text line keeps its detail); for each
+    The page is first cut to its ink (pixels darker than mid-grey), so margins and scan
+    borders do not matter; then a grey 65x32 thumbnail (aspect ignored, so a text line keeps
+    its detail); for each
     horizontal neighbour pair one bit for "clearly brighter to the right" and one for
     "clearly darker" (more than 12 grey levels). Flat paper sets no bits, so JPEG noise
     and paper tint do not count; strokes do.
     """
-    small = np.asarray(im.convert("L").resize(NEAR_HASH_SIZE, Image.BILINEAR), dtype=np.int16)
+    grey = im.convert("L")
+    box = grey.point(lambda v: 255 if v < 128 else 0).getbbox()
+    if box:
+        grey = grey.crop(box)
+    small = np.asarray(grey.resize(NEAR_HASH_SIZE, Image.BILINEAR), dtype=np.int16)
     diff = small[:, 1:] - small[:, :-1]
     bits = np.concatenate([(diff > 12).ravel(), (diff < -12).ravel()])
     return int.from_bytes(np.packbits(bits).tobytes(), "big")

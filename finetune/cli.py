@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     b.add_argument("--max-target-tokens", type=int, help="reject (never truncate) longer targets; needs --tokenizer")
     b.add_argument("--tokenizer", help="tokenizer for --max-target-tokens: a model folder, builtin:NAME or Hub id")
-    b.add_argument("--near-duplicate-threshold", type=float, default=0.05,
+    b.add_argument("--near-duplicate-threshold", type=float, default=0.15,
                    help="images whose edges differ by at most this share are one page (same split); 0 = identical only")
     b.add_argument("--deskew", action="store_true", help="straighten tilted pages (recorded in the card)")
     b.add_argument("--binarize", action="store_true", help="Otsu black/white (recorded in the card)")
