@@ -275,7 +275,9 @@ def build_dataset(
             "leakage": leakage,
         }
         data_dir = staging / "data"
-        dd.save_to_disk(str(data_dir))
+        # An empty split must still be written as one (empty) shard: datasets saves it with
+        # zero shards by default and then cannot load the folder back.
+        dd.save_to_disk(str(data_dir), num_shards={s: 1 for s in SPLITS if len(dd[s]) == 0} or None)
         del dd, full
         arrow_path.unlink()
         for item in data_dir.iterdir():

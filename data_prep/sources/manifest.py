@@ -38,8 +38,10 @@ def _rows(manifest: Path, text: str) -> Iterator[tuple[str, object]]:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames:
             return
+        end = reader.line_num  # the header's last line
         for row in reader:
-            where = f"{manifest.name}:{reader.line_num}"
+            where = f"{manifest.name}:{end + 1}"  # the line the record starts on (values may span lines)
+            end = reader.line_num
             if None in row:  # more cells than header columns
                 yield where, "more cells than header columns"
                 continue
