@@ -14,6 +14,7 @@ repaired, groups exact and near-duplicate images, splits by group and writes, at
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -86,6 +87,48 @@ def _card(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_one(src, crop, max_pixels: int, preprocess: Preprocess):
+    """Decode, repair, crop, preprocess and re-encode one image (runs in a worker process).
+
+    Returns (png bytes, exact hash, near hash, repairs) or the error message."""
+    try:
+        im, fixes = open_image(src, max_pixels=max_pixels)
+    except ImageError as exc:
+        return str(exc)
+    if crop:
+        im = im.crop(crop)
+        fixes.append(f"cropped to {list(crop)}")
+    if preprocess.active:
+        im, done = preprocess.apply(im)
+        fixes.extend(done)
+    return encode_png(im), pixel_hash(im), near_hash(im), fixes
+
+
+def _load_in_order(checked, max_pixels: int, preprocess: Preprocess, workers: int):
+    """(candidate, item, reason, loaded) in input order, decoding images on `workers` processes.
+
+    At most 4 images per worker are in flight, so memory stays flat; items already
+    rejected by the cheap checks are passed through without decoding."""
+    if workers <= 1:
+        for cand, item, reason in checked:
+            yield cand, item, reason, None if reason else _load_one(cand.image_source, cand.crop, max_pixels, preprocess)
+        return
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    window: deque = deque()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for cand, item, reason in checked:
+            future = None if reason else pool.submit(_load_one, cand.image_source, cand.crop, max_pixels, preprocess)
+            window.append((cand, item, reason, future))
+            while len(window) > 4 * workers or (window and (window[0][3] is None or window[0][3].done())):
+                c, i, r, f = window.popleft()
+                yield c, i, r, None if f is None else f.result()
+        while window:
+            c, i, r, f = window.popleft()
+            yield c, i, r, None if f is None else f.result()
+
+
 def _token_counter(tokenizer: str | None, max_target_tokens: int | None):
     """target -> tokens the model is trained on (text + end-of-sequence), or None when unchecked."""
     if max_target_tokens is None:
@@ -120,10 +163,12 @@ def build_dataset(
     tokenizer: str | None = None,
     near_duplicate_threshold: float = 0.15,
     preprocess: Preprocess = Preprocess(),
+    workers: int = 0,
 ) -> BuildResult:
     """`near_duplicate_threshold`: images whose edge signatures (data_prep.images.near_hash)
     differ in at most this share of their edges count as one page and always share a split
-    (0 = identical pixels only)."""
+    (0 = identical pixels only). `workers`: processes decoding images (0 = one per CPU
+    core, at most 8; 1 = decode in this process)."""
     input_path, output = Path(input_path), Path(output)
     try:
         check_fractions(val_fraction, test_fraction)  # before any image is decoded
@@ -140,6 +185,9 @@ def build_dataset(
     if output.exists() and not overwrite:
         raise BuildError(f"--output {output} already exists; pass --overwrite to replace it")
     count_tokens = _token_counter(tokenizer, max_target_tokens)
+    if workers < 0:
+        raise BuildError(f"--workers {workers}: must be 0 (one per core) or more")
+    workers = workers or min(8, os.cpu_count() or 1)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -149,44 +197,38 @@ def build_dataset(
         seen_ids: set[str] = set()
         n_candidates = 0
 
-        def records():
+        def checked():
+            """(candidate, item, reason to reject or None) in input order: the cheap checks."""
             nonlocal n_candidates
             for cand in tqdm(candidates, desc="validating", unit="img", disable=not progress):
                 n_candidates += 1
                 item = str(cand.meta.get("file", cand.id))
-                if cand.problem:
-                    rejects.append(Reject(item, cand.problem))
-                    continue
-                if cand.id in seen_ids:
-                    rejects.append(Reject(item, f"duplicate id {cand.id!r}"))
-                    continue
-                if not cand.markdown or not cand.markdown.strip():
-                    rejects.append(Reject(item, "empty target"))
-                    continue
-                if count_tokens is not None:
+                reason = cand.problem
+                if reason is None and (not cand.markdown or not cand.markdown.strip()):
+                    reason = "empty target"
+                if reason is None and count_tokens is not None:
                     n_tokens = count_tokens(cand.markdown)
                     if n_tokens > max_target_tokens:
-                        rejects.append(Reject(item, f"target has {n_tokens} tokens > --max-target-tokens "
-                                                    f"{max_target_tokens} (never truncated; split the page or raise the limit)"))
-                        continue
-                try:
-                    im, fixes = open_image(cand.image_source, max_pixels=max_pixels)
-                except ImageError as exc:
-                    where = cand.image_path if cand.image_bytes is None else item
-                    rejects.append(Reject(item, f"{where}: {exc}"))
+                        reason = (f"target has {n_tokens} tokens > --max-target-tokens {max_target_tokens} "
+                                  "(never truncated; split the page or raise the limit)")
+                yield cand, item, reason
+
+        def records():
+            for cand, item, reason, loaded in _load_in_order(checked(), max_pixels, preprocess, workers):
+                if reason is None and cand.id in seen_ids:
+                    reason = f"duplicate id {cand.id!r}"
+                if reason is None and isinstance(loaded, str):
+                    reason = f"{cand.image_path if cand.image_bytes is None else item}: {loaded}"
+                if reason is not None:
+                    rejects.append(Reject(item, reason))
                     continue
-                if cand.crop:
-                    im = im.crop(cand.crop)
-                    fixes.append(f"cropped to {list(cand.crop)}")
-                if preprocess.active:
-                    im, done = preprocess.apply(im)
-                    fixes.extend(done)
+                png, exact, near, fixes = loaded
                 if fixes:
                     fixed.append({"item": item, "fixes": fixes})
                 seen_ids.add(cand.id)
-                kept.append({"id": cand.id, "group": cand.group or cand.id, "hash": pixel_hash(im), "near": near_hash(im)})
+                kept.append({"id": cand.id, "group": cand.group or cand.id, "hash": exact, "near": near})
                 yield {
-                    "image": {"bytes": encode_png(im), "path": None},
+                    "image": {"bytes": png, "path": None},
                     "markdown": cand.markdown,
                     "id": cand.id,
                     "group": cand.group or cand.id,

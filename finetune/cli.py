@@ -55,6 +55,7 @@ def _data_build(args) -> int:
         max_target_tokens=args.max_target_tokens, tokenizer=tokenizer, near_duplicate_threshold=args.near_duplicate_threshold,
         preprocess=Preprocess(deskew=args.deskew, binarize=args.binarize, upscale_min_side=args.upscale_min_side,
                               downscale_max_side=args.downscale_max_side),
+        workers=args.workers,
     )
     c = result.report["counts"]
     print(f"wrote {result.output}: train {c['train']}, validation {c['validation']}, test {c['test']}; "
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", help="tokenizer for --max-target-tokens: a model folder, builtin:NAME or Hub id")
     b.add_argument("--near-duplicate-threshold", type=float, default=0.15,
                    help="images whose edges differ by at most this share are one page (same split); 0 = identical only")
+    b.add_argument("--workers", type=int, default=0, help="processes decoding images (0 = one per CPU core, max 8)")
     b.add_argument("--deskew", action="store_true", help="straighten tilted pages (recorded in the card)")
     b.add_argument("--binarize", action="store_true", help="Otsu black/white (recorded in the card)")
     b.add_argument("--upscale-min-side", type=int, default=0, help="enlarge images with a shorter side below this")
