@@ -4,6 +4,7 @@
     ocrtune data build --source folder --input scans/ --output runs/data
     ocrtune train configs/runs/tiny_smoke.yaml data.path=runs/data
     ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --data runs/data --output runs/tiny-smoke/eval
+    ocrtune score runs/tiny-smoke/eval/predictions.jsonl --output runs/rescored
     ocrtune push runs/tiny-smoke/adapter --repo-id you/name --dry-run runs/push-preview
 
 Errors print one line naming the file, field or key, and exit with status 2.
@@ -73,6 +74,14 @@ def _eval(args) -> int:
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                       limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
                       progress=not args.no_progress)
+    print((Path(args.output) / "report.md").read_text())
+    return 0
+
+
+def _score(args) -> int:
+    from finetune.score import score
+
+    score(args.predictions, args.output, base=args.base, adapted=args.adapted, bootstrap_resamples=args.bootstrap_resamples)
     print((Path(args.output) / "report.md").read_text())
     return 0
 
@@ -160,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 
+    sc = sub.add_parser("score", help="score a predictions.jsonl from any system (same report files as eval)")
+    sc.add_argument("predictions", type=Path)
+    sc.add_argument("--output", required=True, type=Path)
+    sc.add_argument("--base", help="system to compare against (default: 'base', else the first)")
+    sc.add_argument("--adapted", help="system compared (default: 'adapted', else the second)")
+    sc.add_argument("--bootstrap-resamples", type=int, default=10_000)
+    sc.set_defaults(func=_score)
+
     p = sub.add_parser("push", help="publish an adapter and its model card to the Hugging Face Hub")
     p.add_argument("adapter_dir")
     p.add_argument("--repo-id", required=True)
@@ -188,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.evaluate import EvalError
     from finetune.hub import PushError
     from finetune.models import ModelNameError
+    from finetune.score import ScoreError
 
     try:
         return args.func(args)
-    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ValueError) as exc:
+    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ScoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

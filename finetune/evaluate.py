@@ -51,9 +51,9 @@ def evaluate(
 
     from data_prep.build import read_dataset_info
     from finetune.generate import generate_pages
-    from finetune.metrics import HEADLINE, LEVELS, paired_bootstrap, system_metrics
     from finetune.models import load_model
     from finetune.report import write_predictions, write_report
+    from finetune.score import score_report
     from finetune.runtime import choose_prompt, read_adapter_meta, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
 
@@ -111,6 +111,8 @@ def evaluate(
         generations[system] = gens
         predictions[system] = [g.text for g in gens]
 
+    groups = list(rows["group"]) if "group" in rows.column_names else None
+    hits = {system: [g.hit_max_tokens for g in generations[system]] for system in systems}
     report = {
         "model": resolved.name,
         "adapter": str(adapter) if adapter is not None else None,
@@ -118,20 +120,16 @@ def evaluate(
         "split": split,
         "prompt": prompt,
         "vision": vision.as_dict(),
-        "normalization": {"headline": HEADLINE, "levels": list(LEVELS),
-                          "cer": f"corpus CER at {HEADLINE}", "cer_raw": "corpus CER at L0 (outer whitespace stripped only)"},
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "repetition_guard": None, "sorted_by": "reference token count"},
-        "systems": {},
+        **score_report(ids, references, predictions, hits, groups,
+                       "base" if adapter is not None else None, "adapted" if adapter is not None else None,
+                       bootstrap_resamples),
     }
-    for system in systems:
-        metrics = system_metrics(references, predictions[system])
-        metrics["hit_max_tokens"] = sum(g.hit_max_tokens for g in generations[system])
-        report["systems"][system] = metrics
-    if "adapted" in systems:
-        report["comparison"] = paired_bootstrap(references, predictions["base"], predictions["adapted"],
-                                                resamples=bootstrap_resamples)
     output.mkdir(parents=True, exist_ok=True)
-    write_predictions(output / "predictions.jsonl", ids, references, predictions)
+    extra = {"hit_max_tokens": [{s: hits[s][i] for s in systems} for i in range(len(ids))]}
+    if groups is not None:
+        extra["group"] = groups
+    write_predictions(output / "predictions.jsonl", ids, references, predictions, extra=extra)
     write_report(output, report)
     return report

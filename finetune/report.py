@@ -25,37 +25,54 @@ def _pct(x: float) -> str:
 
 def render_markdown(report: dict) -> str:
     systems = report["systems"]
+    n = next(iter(systems.values()))["n"]
+    if report.get("model"):
+        where = f"Model `{report['model']}`, data `{report['data']}` split `{report['split']}`, {n} pages."
+    else:
+        where = f"Scored from `{report.get('scored_from')}`, {n} pages."
     lines = [
         "# ocrtune evaluation",
         "",
-        f"Model `{report['model']}`, data `{report['data']}` split `{report['split']}`, "
-        f"{next(iter(systems.values()))['n']} pages.",
+        where,
         "",
-        f"| system | CER ({LEVEL_NAMES[HEADLINE]}, corpus) | CER raw | CER content | CER lenient | mean per-page CER | pages CER>1 | empty | hit max tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| system | CER ({LEVEL_NAMES[HEADLINE]}, corpus) | CER raw | CER content | CER lenient | mean per-page CER "
+        "| WER | page NED | pages CER>1 | empty | loops | hit max tokens | field F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, m in systems.items():
+        hit = "n/a" if m.get("hit_max_tokens") is None else m["hit_max_tokens"]
+        f1 = "n/a" if not m.get("fields") else _pct(m["fields"]["f1"])
         lines.append(
             f"| {name} | {_pct(m['cer'])} | {_pct(m['cer_L0'])} | {_pct(m['cer_L2'])} | {_pct(m['cer_L3'])} | "
-            f"{_pct(m['mean_sample_cer'])} | {_pct(m['share_cer_above_1'])} | {m['empty_outputs']} | {m['hit_max_tokens']} |"
+            f"{_pct(m['mean_sample_cer'])} | {_pct(m['wer'])} | {m['page_ned']:.3f} | {_pct(m['share_cer_above_1'])} | "
+            f"{m['empty_outputs']} | {m['repetition_loops']} | {hit} | {f1} |"
         )
     if "comparison" in report:
         c = report["comparison"]
         lo, hi = c["cer_delta_ci95"]
         lines += [
             "",
-            f"CER change (adapted - base): {100 * c['cer_delta']:+.2f} points, 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}] "
-            f"(paired bootstrap over pages, {c['resamples']} resamples); P(change >= 0) = {c['p_delta_ge_0']:.4f}.",
+            f"CER change ({c.get('adapted', 'adapted')} - {c.get('base', 'base')}): {100 * c['cer_delta']:+.2f} points, "
+            f"95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}] (paired bootstrap over {c.get('units', n)} {c.get('unit', 'pages')}, "
+            f"{c['resamples']} resamples); P(change >= 0) = {c['p_delta_ge_0']:.4f}.",
         ]
-    d = report["decoding"]
+    for name, m in systems.items():
+        if m.get("top_confusions"):
+            shown = ", ".join(f"`{x['reference'] or '∅'}`→`{x['prediction'] or '∅'}` ×{x['count']}"
+                              for x in m["top_confusions"][:5])
+            lines += ["", f"Top character confusions, {name} (reference→prediction, ∅ = missing): {shown}."]
     lines += [
         "",
         f"Normalisation: headline {HEADLINE} ({LEVEL_NAMES[HEADLINE]}); "
         + "; ".join(f"{lvl} = {LEVEL_NAMES[lvl]}" for lvl in LEVELS)
-        + ". Corpus CER = total edits / total reference characters.",
-        f"Decoding (same for every system): {d['strategy']}, max_new_tokens {d['max_new_tokens']}, "
-        f"batch size {d['batch_size']}, prompt `{report['prompt']!r}`, vision {report['vision']}.",
+        + ". Corpus CER = total edits / total reference characters; WER at L2; page NED = edits / longer length.",
     ]
+    d = report.get("decoding")
+    if d:
+        lines.append(
+            f"Decoding (same for every system): {d['strategy']}, max_new_tokens {d['max_new_tokens']}, "
+            f"batch size {d['batch_size']}, prompt `{report['prompt']!r}`, vision {report['vision']}."
+        )
     return "\n".join(lines) + "\n"
 
 

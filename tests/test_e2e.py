@@ -55,8 +55,14 @@ def test_base_eval_report_structure(loop):
     assert report["decoding"] == {"strategy": "greedy", "max_new_tokens": 16, "batch_size": 8, "repetition_guard": None,
                                   "sorted_by": "reference token count"}
     lines = [json.loads(x) for x in (loop["work"] / "eval0/predictions.jsonl").read_text().splitlines()]
-    assert len(lines) == 12 and set(lines[0]) == {"id", "reference", "predictions"}
+    assert len(lines) == 12 and set(lines[0]) == {"id", "reference", "predictions", "group", "hit_max_tokens"}
     assert set(lines[0]["predictions"]) == {"base"}
+    assert sum(x["hit_max_tokens"]["base"] for x in lines) == base["hit_max_tokens"]
+    # `ocrtune score` on eval's own predictions reproduces eval's numbers
+    rescored = run_cli("score", str(loop["work"] / "eval0/predictions.jsonl"), "--output", str(loop["work"] / "rescored"))
+    _ok(rescored)
+    again = json.loads((loop["work"] / "rescored/report.json").read_text())["systems"]["base"]
+    assert again == base
 
 
 def test_train_writes_adapter_config_and_metrics(loop):

@@ -59,3 +59,48 @@ def test_bootstrap_ci_covers_estimate_and_narrows_with_more_samples():
         assert r["p_delta_ge_0"] < 0.05
     assert (large["cer_delta_ci95"][1] - large["cer_delta_ci95"][0]) < 0.5 * (small["cer_delta_ci95"][1] - small["cer_delta_ci95"][0])
     assert large["cer_delta"] == pytest.approx(-0.15, abs=0.03)
+
+
+def test_wer_page_ned_and_loops_written_out():
+    from finetune.metrics import page_ned, repetition_loop, wer
+
+    assert wer(["the **quick** fox", "a b"], ["the quick box", "a b c"]) == pytest.approx(2 / 5)  # L2: ** dropped
+    assert page_ned(["abcd", "", "xy"], ["ab", "", "xy"]) == pytest.approx((2 / 4 + 0 + 0) / 3)
+    assert page_ned(["a"], ["a" * 50]) == pytest.approx(49 / 50)  # bounded by 1, unlike CER (49)
+    assert repetition_loop("Total: 12 " + "the same line\n" * 10)
+    assert repetition_loop("x" + "ab" * 40)
+    assert not repetition_loop("short aaaaaaaa")  # under 32 characters
+    assert not repetition_loop("Chapter 1 " + "." * 60, reference="Chapter 1 " + "." * 60)  # the page has it
+    m = system_metrics(["a", "b"], ["a" + "zz" * 30, "b"])
+    assert m["repetition_loops"] == 1 and m["share_cer_above_1"] == 0.5
+
+
+def test_field_scores_and_confusions():
+    from finetune.metrics import field_scores, form_fields, top_confusions
+
+    ref = "**Date:** 12/03/1998\n**Total:** 1,234.56\n- **Name** Ada Lovelace\nplain line"
+    assert form_fields(ref) == {("Date", "12/03/1998"): 1, ("Total", "1,234.56"): 1, ("Name", "Ada Lovelace"): 1}
+    hyp = "**Date** 12/03/1998\n**Total:** 1,234.58\n**Name:** Ada Lovelace\n**Extra:** x"
+    assert field_scores([ref], [hyp]) == {"precision": 0.5, "recall": 2 / 3, "f1": pytest.approx(4 / 7),
+                                          "reference_fields": 3, "predicted_fields": 4}
+    assert field_scores(["no fields here"], ["**a** b"]) is None
+    conf = top_confusions(["0O0O", "abc"], ["OOOO", "ab"])
+    assert conf[0] == {"reference": "0", "prediction": "O", "count": 2}
+    assert {"reference": "c", "prediction": "", "count": 1} in conf
+
+
+def test_group_bootstrap_resamples_whole_groups():
+    rng = np.random.default_rng(1)
+    refs = ["abcdefghij"] * 60
+    base = ["abcdefgxyz"] * 60
+    # adapted is better on every page of half the writers, worse on the others: pages within a
+    # writer are correlated, so the group CI must be wider than the page CI.
+    adapted = [("abcdefghij" if (i // 10) % 2 == 0 else "axxxxxxxxx") for i in range(60)]
+    groups = [f"w{i // 10}" for i in range(60)]
+    pages = paired_bootstrap(refs, base, adapted, resamples=4000, seed=int(rng.integers(100)))
+    grouped = paired_bootstrap(refs, base, adapted, resamples=4000, seed=0, groups=groups)
+    assert pages["unit"] == "pages" and grouped["unit"] == "groups" and grouped["units"] == 6
+    assert grouped["cer_delta"] == pytest.approx(pages["cer_delta"])
+    width = lambda r: r["cer_delta_ci95"][1] - r["cer_delta_ci95"][0]  # noqa: E731
+    assert width(grouped) > 2 * width(pages)
+    assert grouped["cer_delta_ci95"][0] <= grouped["cer_delta"] <= grouped["cer_delta_ci95"][1]

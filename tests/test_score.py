@@ -1,0 +1,43 @@
+"""`ocrtune score`: any system's predictions.jsonl -> the same report files as eval."""
+
+import json
+
+from finetune.metrics import system_metrics
+from tests.helpers import run_cli
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_score_cli_matches_the_metrics_and_compares(tmp_path):
+    rows = [{"id": str(i), "reference": f"**Total:** {i}.50 EUR", "group": f"w{i % 5}",
+             "predictions": {"hosted": f"**Total:** {i}.5O EUR", "mine": f"**Total:** {i}.50 EUR"}}
+            for i in range(40)]
+    out = tmp_path / "report"
+    res = run_cli("score", str(_write(tmp_path / "p.jsonl", rows)), "--output", str(out), "--base", "hosted",
+                  "--adapted", "mine", "--bootstrap-resamples", "2000")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    refs = [r["reference"] for r in rows]
+    assert report["systems"]["hosted"]["cer"] == system_metrics(refs, [r["predictions"]["hosted"] for r in rows])["cer"]
+    assert report["systems"]["mine"]["cer"] == 0.0 and report["systems"]["mine"]["fields"]["f1"] == 1.0
+    assert report["systems"]["hosted"]["fields"]["f1"] == 0.0
+    c = report["comparison"]
+    assert c["base"] == "hosted" and c["adapted"] == "mine" and c["unit"] == "groups" and c["units"] == 5
+    assert c["cer_delta"] < 0 and c["cer_delta_ci95"][1] < 0 and c["p_delta_ge_0"] == 0.0
+    assert report["systems"]["hosted"]["top_confusions"][0] == {"reference": "0", "prediction": "O", "count": 40}
+    assert "CER change (mine - hosted)" in res.stdout and "over 5 groups" in res.stdout
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 40
+
+
+def test_score_rejects_inconsistent_lines_by_name(tmp_path):
+    rows = [{"id": "1", "reference": "a", "predictions": {"x": "a", "y": "b"}},
+            {"id": "2", "reference": "b", "predictions": {"x": "b"}}]
+    res = run_cli("score", str(_write(tmp_path / "p.jsonl", rows)), "--output", str(tmp_path / "o"))
+    assert res.returncode == 2 and "p.jsonl:2: systems ['x'] differ from line 1's ['x', 'y']" in res.stderr
+    res = run_cli("score", str(_write(tmp_path / "q.jsonl", rows[:1])), "--output", str(tmp_path / "o"),
+                  "--base", "nope")
+    assert res.returncode == 2 and "--base 'nope': not a system" in res.stderr
+    assert not (tmp_path / "o").exists()
