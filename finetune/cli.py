@@ -73,7 +73,8 @@ def _eval(args) -> int:
     report = evaluate(args.model, args.data, args.output, adapter=args.adapter, split=args.split,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                       limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
+                      no_repeat_window=args.no_repeat_window)
     print((Path(args.output) / "report.md").read_text())
     return 0
 
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N pages")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--bootstrap-resamples", type=int, default=10_000)
+    e.add_argument("--no-repeat-ngram", type=int, default=30,
+                   help="ban repeating an n-gram of this size (official DeepSeek-OCR setting; 0 = off)")
+    e.add_argument("--no-repeat-window", type=int, default=90, help="... within this many generated tokens")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 

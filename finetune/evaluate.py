@@ -45,11 +45,14 @@ def evaluate(
     dtype: str = "auto",
     bootstrap_resamples: int = 10_000,
     progress: bool = True,
+    no_repeat_ngram: int = 30,
+    no_repeat_window: int = 90,
 ) -> dict:
     from datasets import load_from_disk
     from tqdm.auto import tqdm
 
     from data_prep.build import read_dataset_info
+    from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.generate import generate_pages
     from finetune.models import load_model
     from finetune.report import write_predictions, write_report
@@ -86,6 +89,7 @@ def evaluate(
                             vision_saved.get("max_tiles"))
     prompt = choose_prompt(prompt, adapter_meta, read_dataset_info(data))
     builder = builder_for(family, processor, model.config, prompt, vision)
+    guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(builder.tokenizer))
 
     systems = ["base"]
     if adapter is not None:
@@ -104,9 +108,9 @@ def evaluate(
         bar = tqdm(total=len(pages), desc=f"eval {system}", unit="page", disable=not progress)
         if system == "base" and adapter is not None:
             with model.disable_adapter():
-                gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar)
+                gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar, guard)
         else:
-            gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar)
+            gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar, guard)
         bar.close()
         generations[system] = gens
         predictions[system] = [g.text for g in gens]
@@ -121,7 +125,7 @@ def evaluate(
         "prompt": prompt,
         "vision": vision.as_dict(),
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "repetition_guard": None, "sorted_by": "reference token count"},
+                     "repetition_guard": guard.describe(), "sorted_by": "reference token count"},
         **score_report(ids, references, predictions, hits, groups,
                        "base" if adapter is not None else None, "adapted" if adapter is not None else None,
                        bootstrap_resamples),

@@ -16,12 +16,18 @@ class Generation:
     text: str
     new_tokens: int
     hit_max_tokens: bool  # no EOS before the cap: a truncated or looping output
+    token_ids: tuple[int, ...] = ()  # the generated ids, EOS and padding removed
 
 
 @torch.no_grad()
 def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, expected_lengths=None,
-                   progress=None) -> list[Generation]:
-    """`pages`: list of (id, PIL image). Returns one Generation per page, in order."""
+                   progress=None, guard=None) -> list[Generation]:
+    """`pages`: list of (id, PIL image). Returns one Generation per page, in order.
+    `guard`: a finetune.decoding.RepetitionGuard, or None for plain greedy decoding."""
+    from transformers import LogitsProcessorList
+
+    from finetune.decoding import NoRepeatNGramWindow
+
     order = list(range(len(pages)))
     if expected_lengths is not None:
         order.sort(key=lambda i: -expected_lengths[i])
@@ -39,8 +45,12 @@ def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, 
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             if "pixel_values_local" in batch:
                 batch["pixel_values_local"] = batch["pixel_values_local"].to(dtype)
+        processors = LogitsProcessorList()
+        if guard is not None and guard.active:
+            processors.append(NoRepeatNGramWindow(guard, batch["input_ids"].shape[1]))
         out = model.generate(
             **batch,
+            logits_processor=processors,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -56,7 +66,7 @@ def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, 
             else:
                 ids = [t for t in ids if t != builder.pad_id]
                 hit = True
-            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit)
+            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids))
         if progress is not None:
             progress.update(len(chunk))
     return results

@@ -71,7 +71,8 @@ def render_markdown(report: dict) -> str:
     if d:
         lines.append(
             f"Decoding (same for every system): {d['strategy']}, max_new_tokens {d['max_new_tokens']}, "
-            f"batch size {d['batch_size']}, prompt `{report['prompt']!r}`, vision {report['vision']}."
+            f"batch size {d['batch_size']}, repetition guard {d.get('repetition_guard') or 'off'}, "
+            f"prompt `{report['prompt']!r}`, vision {report['vision']}."
         )
     return "\n".join(lines) + "\n"
 

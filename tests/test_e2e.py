@@ -52,7 +52,8 @@ def test_base_eval_report_structure(loop):
     base = report["systems"]["base"]
     assert base["n"] == 12 and base["cer"] > 0 and base["cer_raw"] > 0
     assert report["normalization"]["headline"] == "L1"
-    assert report["decoding"] == {"strategy": "greedy", "max_new_tokens": 16, "batch_size": 8, "repetition_guard": None,
+    assert report["decoding"] == {"strategy": "greedy", "max_new_tokens": 16, "batch_size": 8,
+                                  "repetition_guard": {"ngram_size": 30, "window": 90, "whitelist": []},
                                   "sorted_by": "reference token count"}
     lines = [json.loads(x) for x in (loop["work"] / "eval0/predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and set(lines[0]) == {"id", "reference", "predictions", "group", "hit_max_tokens"}
