@@ -74,7 +74,7 @@ def _eval(args) -> int:
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                       limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
                       progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
-                      no_repeat_window=args.no_repeat_window)
+                      no_repeat_window=args.no_repeat_window, restart=args.restart)
     print((Path(args.output) / "report.md").read_text())
     return 0
 
@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-repeat-ngram", type=int, default=30,
                    help="ban repeating an n-gram of this size (official DeepSeek-OCR setting; 0 = off)")
     e.add_argument("--no-repeat-window", type=int, default=90, help="... within this many generated tokens")
+    e.add_argument("--restart", action="store_true", help="discard an interrupted eval in --output instead of resuming it")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 

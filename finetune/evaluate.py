@@ -3,19 +3,70 @@
     ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/x/adapter \
         --data runs/data --split test --output runs/x/eval
 
-Writes OUTPUT/report.json, OUTPUT/report.md and OUTPUT/predictions.jsonl.
+Writes OUTPUT/report.json, OUTPUT/report.md and OUTPUT/predictions.jsonl. While it runs,
+every finished batch is appended to OUTPUT/eval_progress.jsonl (flushed to disk); run the
+same command again after a crash or kill and it continues from there, refusing if any
+setting differs (`--restart` starts over). The journal is removed once the report is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+JOURNAL = "eval_progress.jsonl"
+
 
 class EvalError(RuntimeError):
     pass
+
+
+class _Journal:
+    """Append-only record of finished pages: a kill loses at most the batch in flight."""
+
+    def __init__(self, path: Path, state: dict, restart: bool):
+        self.path = path
+        self.done: dict[tuple[str, str], dict] = {}
+        if path.is_file() and not restart:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            saved = json.loads(lines[0]).get("state") if lines else None
+            if saved != state:
+                differing = sorted(k for k in set(state) | set(saved or {}) if (saved or {}).get(k) != state.get(k))
+                raise EvalError(f"{path}: an unfinished eval with other settings ({', '.join(differing)} differ); "
+                                "pass --restart to discard it, or use another --output")
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the line being written when the process died
+                self.done[(row["system"], row["id"])] = row
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"state": state}) + "\n", encoding="utf-8")
+
+    def append(self, system: str, ids: list[str], finished) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            for i, g in finished:
+                fh.write(json.dumps({"system": system, "id": ids[i], "text": g.text, "new_tokens": g.new_tokens,
+                                     "hit_max_tokens": g.hit_max_tokens}, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+class _Subset:
+    def __init__(self, pages, indices):
+        self.pages, self.indices = pages, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        return self.pages[self.indices[k]]
 
 
 class _LazyPages:
@@ -47,13 +98,14 @@ def evaluate(
     progress: bool = True,
     no_repeat_ngram: int = 30,
     no_repeat_window: int = 90,
+    restart: bool = False,
 ) -> dict:
     from datasets import load_from_disk
     from tqdm.auto import tqdm
 
     from data_prep.build import read_dataset_info
     from finetune.decoding import RepetitionGuard, table_tag_ids
-    from finetune.generate import generate_pages
+    from finetune.generate import Generation, generate_pages
     from finetune.models import load_model
     from finetune.report import write_predictions, write_report
     from finetune.score import score_report
@@ -103,15 +155,35 @@ def evaluate(
     references = list(rows["markdown"])
     pages = _LazyPages(rows)
     expected = [builder.count_target_tokens(r) for r in references]
+    state = {"model": resolved.name, "adapter": str(adapter) if adapter is not None else None, "data": str(data),
+             "split": split, "pages": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "prompt": prompt, "max_new_tokens": max_new_tokens,
+             "repetition_guard": guard.describe(), "vision": vision.as_dict()}
+    journal = _Journal(output / JOURNAL, state, restart)
+    reused = sum(1 for s in systems for i in ids if (s, i) in journal.done)
     predictions, generations = {}, {}
     for system in systems:
-        bar = tqdm(total=len(pages), desc=f"eval {system}", unit="page", disable=not progress)
-        if system == "base" and adapter is not None:
+        gens: list = [None] * len(ids)
+        for k, rid in enumerate(ids):
+            row = journal.done.get((system, rid))
+            if row is not None:
+                gens[k] = Generation(row["text"], row["new_tokens"], row["hit_max_tokens"])
+        todo = [k for k in range(len(ids)) if gens[k] is None]
+        bar = tqdm(total=len(pages), initial=len(pages) - len(todo), desc=f"eval {system}", unit="page",
+                   disable=not progress)
+        record = lambda finished, system=system, todo=todo: journal.append(  # noqa: E731
+            system, ids, [(todo[j], g) for j, g in finished])
+        args = (model, builder, _Subset(pages, todo), batch_size, max_new_tokens, [expected[k] for k in todo], bar,
+                guard, record)
+        if todo and system == "base" and adapter is not None:
             with model.disable_adapter():
-                gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar, guard)
+                new = generate_pages(*args)
+        elif todo:
+            new = generate_pages(*args)
         else:
-            gens = generate_pages(model, builder, pages, batch_size, max_new_tokens, expected, bar, guard)
+            new = []
         bar.close()
+        for k, g in zip(todo, new):
+            gens[k] = g
         generations[system] = gens
         predictions[system] = [g.text for g in gens]
 
@@ -126,6 +198,7 @@ def evaluate(
         "vision": vision.as_dict(),
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "repetition_guard": guard.describe(), "sorted_by": "reference token count"},
+        "resume": {"reused_predictions": reused, "generated": len(systems) * len(ids) - reused},
         **score_report(ids, references, predictions, hits, groups,
                        "base" if adapter is not None else None, "adapted" if adapter is not None else None,
                        bootstrap_resamples),
@@ -136,4 +209,5 @@ def evaluate(
         extra["group"] = groups
     write_predictions(output / "predictions.jsonl", ids, references, predictions, extra=extra)
     write_report(output, report)
+    (output / JOURNAL).unlink(missing_ok=True)  # the report now holds everything the journal did
     return report

@@ -21,9 +21,10 @@ class Generation:
 
 @torch.no_grad()
 def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, expected_lengths=None,
-                   progress=None, guard=None) -> list[Generation]:
+                   progress=None, guard=None, on_batch=None) -> list[Generation]:
     """`pages`: list of (id, PIL image). Returns one Generation per page, in order.
-    `guard`: a finetune.decoding.RepetitionGuard, or None for plain greedy decoding."""
+    `guard`: a finetune.decoding.RepetitionGuard, or None for plain greedy decoding.
+    `on_batch`: called with [(index, Generation), ...] as each batch finishes (eval's journal)."""
     from transformers import LogitsProcessorList
 
     from finetune.decoding import NoRepeatNGramWindow
@@ -67,6 +68,8 @@ def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, 
                 ids = [t for t in ids if t != builder.pad_id]
                 hit = True
             results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids))
+        if on_batch is not None:
+            on_batch([(i, results[i]) for i in chunk])
         if progress is not None:
             progress.update(len(chunk))
     return results

@@ -169,3 +169,44 @@ def test_batched_generation_equals_one_at_a_time(loop):
                           expected_lengths=[len(r) for r in rows["markdown"]])
     assert [g.text for g in one] == [g.text for g in many]
     assert np.mean([g.hit_max_tokens for g in many]) < 1.0
+
+
+def test_killed_eval_resumes_without_recomputing(tmp_path, loop):
+    """SIGKILL an eval mid-way; the same command continues from the journal and ends with the
+    same predictions as an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    data = loop["work"] / "data"
+    args = ["eval", "--model", TINY, "--data", str(data), "--split", "train", "--batch-size", "1",
+            "--max-new-tokens", "24", "--no-progress"]
+    full = run_cli(*args, "--output", str(tmp_path / "full"))
+    _ok(full)
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *args, "--output", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "eval_progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 6:  # header + >= 5 pages
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "eval finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists()
+    done_before = len(journal.read_text().splitlines()) - 1
+    resumed = run_cli(*args, "--output", str(out))
+    _ok(resumed)
+    report = json.loads((out / "report.json").read_text())
+    n = report["systems"]["base"]["n"]
+    assert report["resume"]["reused_predictions"] >= done_before >= 5
+    assert report["resume"]["reused_predictions"] + report["resume"]["generated"] == n
+    assert (out / "predictions.jsonl").read_text() == (tmp_path / "full" / "predictions.jsonl").read_text()
+    assert not journal.exists()
+    # other settings on an unfinished journal are refused, not mixed
+    journal.write_text(json.dumps({"state": {"model": "other"}}) + "\n")
+    refused = run_cli(*args, "--output", str(out))
+    assert refused.returncode == 2 and "unfinished eval with other settings" in refused.stderr
