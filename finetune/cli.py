@@ -5,6 +5,7 @@
     ocrtune train configs/runs/tiny_smoke.yaml data.path=runs/data
     ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --data runs/data --output runs/tiny-smoke/eval
     ocrtune score runs/tiny-smoke/eval/predictions.jsonl --output runs/rescored
+    ocrtune serve --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --port 8000
     ocrtune push runs/tiny-smoke/adapter --repo-id you/name --dry-run runs/push-preview
 
 Errors print one line naming the file, field or key, and exit with status 2.
@@ -67,6 +68,13 @@ def _data_build(args) -> int:
     return 0
 
 
+def _endpoints(args) -> list[tuple[str, str]]:
+    urls, names = args.endpoint or [], args.endpoint_model or []
+    if len(urls) != len(names):
+        raise ValueError(f"give one --endpoint-model per --endpoint ({len(urls)} endpoints, {len(names)} models)")
+    return list(zip(urls, names))
+
+
 def _eval(args) -> int:
     from finetune.evaluate import evaluate
 
@@ -74,7 +82,9 @@ def _eval(args) -> int:
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                       limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
                       progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
-                      no_repeat_window=args.no_repeat_window, restart=args.restart)
+                      no_repeat_window=args.no_repeat_window, restart=args.restart,
+                      endpoints=_endpoints(args), endpoint_key_env=args.endpoint_key_env,
+                      endpoint_concurrency=args.endpoint_concurrency)
     print((Path(args.output) / "report.md").read_text())
     return 0
 
@@ -84,6 +94,25 @@ def _score(args) -> int:
 
     score(args.predictions, args.output, base=args.base, adapted=args.adapted, bootstrap_resamples=args.bootstrap_resamples)
     print((Path(args.output) / "report.md").read_text())
+    return 0
+
+
+def _serve(args) -> int:
+    from finetune.serve import build_engine, make_server
+
+    engine = build_engine(args.model, adapter=args.adapter, prompt=args.prompt, dtype=args.dtype,
+                          no_repeat_ngram=args.no_repeat_ngram, no_repeat_window=args.no_repeat_window,
+                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, served_name=args.served_name)
+    server = make_server(engine, args.host, args.port, image_root=args.image_root)
+    host, port = server.server_address[:2]
+    print(f"serving {engine.served_name!r} on http://{host}:{port}/v1 (chat/completions, models); Ctrl-C stops",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -170,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-repeat-ngram", type=int, default=30,
                    help="ban repeating an n-gram of this size (official DeepSeek-OCR setting; 0 = off)")
     e.add_argument("--no-repeat-window", type=int, default=90, help="... within this many generated tokens")
+    e.add_argument("--endpoint", action="append", metavar="URL",
+                   help="an OpenAI-compatible base URL (…/v1) evaluated as one more system; repeatable")
+    e.add_argument("--endpoint-model", action="append", metavar="NAME", help="model name for each --endpoint")
+    e.add_argument("--endpoint-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    e.add_argument("--endpoint-concurrency", type=int, default=4, help="requests in flight per endpoint")
     e.add_argument("--restart", action="store_true", help="discard an interrupted eval in --output instead of resuming it")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
@@ -181,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--adapted", help="system compared (default: 'adapted', else the second)")
     sc.add_argument("--bootstrap-resamples", type=int, default=10_000)
     sc.set_defaults(func=_score)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions for the base model or base + adapter")
+    sv.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
+    sv.add_argument("--adapter", type=Path)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default: no auth is done)")
+    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    sv.add_argument("--served-name", help="model id clients send (default: the adapter's or model's name)")
+    sv.add_argument("--prompt", help="used when a request has no text part (default: the adapter's training prompt)")
+    sv.add_argument("--image-root", default=".", help="local image paths in requests must lie inside this folder")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    sv.add_argument("--batch-wait-ms", type=int, default=20, help="how long to wait for more requests to batch")
+    sv.add_argument("--dtype", default="auto")
+    sv.add_argument("--no-repeat-ngram", type=int, default=30)
+    sv.add_argument("--no-repeat-window", type=int, default=90)
+    sv.set_defaults(func=_serve)
 
     p = sub.add_parser("push", help="publish an adapter and its model card to the Hugging Face Hub")
     p.add_argument("adapter_dir")
@@ -210,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.evaluate import EvalError
     from finetune.hub import PushError
     from finetune.models import ModelNameError
+    from finetune.endpoint import EndpointError
     from finetune.score import ScoreError
 
     try:
         return args.func(args)
-    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ScoreError, ValueError) as exc:
+    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ScoreError, EndpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

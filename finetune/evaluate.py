@@ -99,12 +99,18 @@ def evaluate(
     no_repeat_ngram: int = 30,
     no_repeat_window: int = 90,
     restart: bool = False,
+    endpoints: list[tuple[str, str]] = (),
+    endpoint_key_env: str = "OPENAI_API_KEY",
+    endpoint_concurrency: int = 4,
 ) -> dict:
+    """`endpoints`: (base URL, model name) pairs of OpenAI-compatible servers evaluated as
+    systems `endpoint:NAME` on the same pages with the same prompt and max tokens."""
     from datasets import load_from_disk
     from tqdm.auto import tqdm
 
     from data_prep.build import read_dataset_info
     from finetune.decoding import RepetitionGuard, table_tag_ids
+    from finetune.endpoint import run_endpoint
     from finetune.generate import Generation, generate_pages
     from finetune.models import load_model
     from finetune.report import write_predictions, write_report
@@ -150,6 +156,8 @@ def evaluate(
         model = load_adapter(model, adapter, "adapted", family.ADAPTER_DISK_RENAMES)
         systems.append("adapted")
     model.eval()
+    endpoint_of = {f"endpoint:{name}": (url, name) for url, name in endpoints}
+    systems += list(endpoint_of)
 
     ids = list(rows["id"])
     references = list(rows["markdown"])
@@ -157,7 +165,7 @@ def evaluate(
     expected = [builder.count_target_tokens(r) for r in references]
     state = {"model": resolved.name, "adapter": str(adapter) if adapter is not None else None, "data": str(data),
              "split": split, "pages": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "prompt": prompt, "max_new_tokens": max_new_tokens,
-             "repetition_guard": guard.describe(), "vision": vision.as_dict()}
+             "repetition_guard": guard.describe(), "vision": vision.as_dict(), "endpoints": sorted(endpoint_of)}
     journal = _Journal(output / JOURNAL, state, restart)
     reused = sum(1 for s in systems for i in ids if (s, i) in journal.done)
     predictions, generations = {}, {}
@@ -174,7 +182,13 @@ def evaluate(
             system, ids, [(todo[j], g) for j, g in finished])
         args = (model, builder, _Subset(pages, todo), batch_size, max_new_tokens, [expected[k] for k in todo], bar,
                 guard, record)
-        if todo and system == "base" and adapter is not None:
+        if todo and system in endpoint_of:
+            url, name = endpoint_of[system]
+            answers = run_endpoint(url, name, prompt, _Subset(pages, todo), max_new_tokens, endpoint_key_env,
+                                   endpoint_concurrency, on_batch=lambda done, record=record: record(
+                                       [(j, Generation(*a)) for j, a in done]), progress=bar)
+            new = [Generation(*a) for a in answers]
+        elif todo and system == "base" and adapter is not None:
             with model.disable_adapter():
                 new = generate_pages(*args)
         elif todo:

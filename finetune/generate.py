@@ -73,3 +73,44 @@ def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, 
         if progress is not None:
             progress.update(len(chunk))
     return results
+
+
+def stream_page(model, builder, page, max_new_tokens: int, guard=None):
+    """Greedy generation of one page, yielding text pieces as tokens arrive (for SSE), then
+    the finished Generation as the last item. Same builder, decoding and guard as
+    `generate_pages`, so the concatenated text equals its output for that page."""
+    import threading
+
+    from transformers import LogitsProcessorList, TextIteratorStreamer
+
+    from finetune.decoding import NoRepeatNGramWindow
+
+    batch = builder.collate([builder.build(page[0], page[1])], padding_side="left")
+    batch.pop("ids")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for key in ("pixel_values", "pixel_values_local"):
+        if key in batch:
+            batch[key] = batch[key].to(next(model.parameters()).dtype)
+    processors = LogitsProcessorList()
+    if guard is not None and guard.active:
+        processors.append(NoRepeatNGramWindow(guard, batch["input_ids"].shape[1]))
+    streamer = TextIteratorStreamer(builder.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+
+    def run():
+        with torch.no_grad():
+            result["out"] = model.generate(**batch, logits_processor=processors, max_new_tokens=max_new_tokens,
+                                           do_sample=False, num_beams=1, eos_token_id=builder.eos_id,
+                                           pad_token_id=builder.pad_id, streamer=streamer)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    for piece in streamer:
+        if piece:
+            yield piece
+    thread.join()
+    ids = result["out"][0, batch["input_ids"].shape[1]:].tolist()
+    hit = builder.eos_id not in ids
+    ids = ids[: ids.index(builder.eos_id)] if not hit else [t for t in ids if t != builder.pad_id]
+    yield Generation(builder.tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids))
