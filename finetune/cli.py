@@ -5,6 +5,7 @@
     ocrtune train configs/runs/tiny_smoke.yaml data.path=runs/data
     ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --data runs/data --output runs/tiny-smoke/eval
     ocrtune score runs/tiny-smoke/eval/predictions.jsonl --output runs/rescored
+    ocrtune predict --model builtin:tiny-random-deepseek-ocr-2 --input scans/ report.pdf --output runs/markdown
     ocrtune serve --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --port 8000
     ocrtune push runs/tiny-smoke/adapter --repo-id you/name --dry-run runs/push-preview
 
@@ -95,6 +96,20 @@ def _score(args) -> int:
     score(args.predictions, args.output, base=args.base, adapted=args.adapted, bootstrap_resamples=args.bootstrap_resamples)
     print((Path(args.output) / "report.md").read_text())
     return 0
+
+
+def _predict(args) -> int:
+    from finetune.predict import predict
+
+    summary = predict(args.model, args.input, args.output, adapter=args.adapter, prompt=args.prompt,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dpi=args.dpi,
+                      keep_grounding=not args.strip_grounding, dtype=args.dtype, no_repeat_ngram=args.no_repeat_ngram,
+                      no_repeat_window=args.no_repeat_window, progress=not args.no_progress)
+    print(f"wrote {summary['files']} Markdown files ({summary['pages']} pages) to {args.output}; "
+          f"{len(summary['hit_max_tokens'])} pages hit the token cap, {len(summary['failed'])} inputs failed")
+    for f in summary["failed"]:
+        print(f"  failed {f['file']}: {f['reason']}")
+    return 1 if summary["failed"] else 0
 
 
 def _serve(args) -> int:
@@ -216,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--bootstrap-resamples", type=int, default=10_000)
     sc.set_defaults(func=_score)
 
+    pr = sub.add_parser("predict", help="images and PDFs (every page) to Markdown files")
+    pr.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
+    pr.add_argument("--adapter", type=Path)
+    pr.add_argument("--input", required=True, nargs="+", type=Path, help="image files, PDFs and folders of them")
+    pr.add_argument("--output", required=True, type=Path)
+    pr.add_argument("--prompt", help="default: the adapter's training prompt, else '<image>\\nFree OCR.'")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--max-new-tokens", type=int, default=2048)
+    pr.add_argument("--dpi", type=int, default=144, help="PDF page rendering resolution")
+    pr.add_argument("--strip-grounding", action="store_true", help="drop <|det|> boxes and <|ref|> tags, keep the text")
+    pr.add_argument("--dtype", default="auto")
+    pr.add_argument("--no-repeat-ngram", type=int, default=30)
+    pr.add_argument("--no-repeat-window", type=int, default=90)
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=_predict)
+
     sv = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions for the base model or base + adapter")
     sv.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
     sv.add_argument("--adapter", type=Path)
@@ -264,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ScoreError, EndpointError, ValueError) as exc:
+    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ScoreError, EndpointError, ValueError,
+            FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,3 +44,41 @@ def choose_prompt(explicit: str | None, adapter_meta: dict | None, dataset_info:
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / ADAPTER_META
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclass
+class Inference:
+    """A model ready to decode: what serve and predict share with eval."""
+
+    name: str
+    model: object
+    processor: object
+    family: object
+    vision: object
+    guard: object
+    prompt: str
+
+
+def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str | None, dtype: str,
+                       no_repeat_ngram: int, no_repeat_window: int) -> Inference:
+    """Base model (+ adapter, active), its vision settings and prompt as trained, the guard."""
+    from finetune.decoding import RepetitionGuard, table_tag_ids
+    from finetune.models import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, device == "cuda"), device=device)
+    meta = {}
+    if adapter is not None:
+        from finetune.lora import load_adapter
+
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
+        meta = read_adapter_meta(adapter)
+        model = load_adapter(model, adapter, "adapted", resolved.family.ADAPTER_DISK_RENAMES)
+    model.eval()
+    saved = meta.get("vision", {})
+    vision = resolve_vision(resolved.family, processor, saved.get("crop_to_patches"), saved.get("min_tiles"),
+                            saved.get("max_tiles"))
+    guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
+    return Inference(resolved.name, model, processor, resolved.family, vision, guard, choose_prompt(prompt, meta, {}))

@@ -265,31 +265,11 @@ def make_handler(engine: Engine, image_root: Path, max_pixels: int):
 def build_engine(model_name: str, adapter: str | Path | None = None, prompt: str | None = None, dtype: str = "auto",
                  no_repeat_ngram: int = 30, no_repeat_window: int = 90, max_batch: int = 8,
                  batch_wait_ms: int = 20, served_name: str | None = None) -> Engine:
-    import torch
+    from finetune.runtime import load_for_inference
 
-    from finetune.decoding import RepetitionGuard, table_tag_ids
-    from finetune.models import load_model
-    from finetune.runtime import choose_prompt, read_adapter_meta, resolve_dtype, resolve_vision
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, device == "cuda"), device=device)
-    meta = {}
-    if adapter is not None:
-        from finetune.lora import load_adapter
-
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise ValueError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
-        meta = read_adapter_meta(adapter)
-        model = load_adapter(model, adapter, "adapted", resolved.family.ADAPTER_DISK_RENAMES)
-    model.eval()
-    saved = meta.get("vision", {})
-    vision = resolve_vision(resolved.family, processor, saved.get("crop_to_patches"), saved.get("min_tiles"),
-                            saved.get("max_tiles"))
-    guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
-    name = served_name or (adapter.name if adapter is not None and adapter.name != "adapter" else None) \
-        or (f"{resolved.name}+{adapter.parent.name}" if adapter is not None else resolved.name)
-    return Engine(model, processor, resolved.family, vision, guard, choose_prompt(prompt, meta, {}), name,
+    inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window)
+    name = served_name or (inf.name if adapter is None else f"{inf.name}+{Path(adapter).resolve().parent.name}")
+    return Engine(inf.model, inf.processor, inf.family, inf.vision, inf.guard, inf.prompt, name,
                   max_batch=max_batch, batch_wait_ms=batch_wait_ms)
 
 

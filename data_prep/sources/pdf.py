@@ -43,9 +43,24 @@ def _page_texts(pdf: Path) -> list[str]:
     return split_pages(read_transcript(whole))
 
 
+def render_page(page, dpi: int):
+    """One pypdfium2 page -> RGB PIL image at `dpi` (transparent backgrounds on white)."""
+    from PIL import Image
+
+    image = page.render(scale=dpi / 72).to_pil()
+    if image.mode == "RGBA":
+        return _on_white(image, Image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def page_pixels(page, dpi: int) -> int:
+    """Pixels a page renders to at `dpi`, known before rendering (points are 1/72 inch)."""
+    width, height = page.get_size()
+    return round(width * dpi / 72) * round(height * dpi / 72)
+
+
 def iter_pdf(root: Path, dpi: int = 144, max_pixels: int | None = None) -> Iterator[Candidate]:
     import pypdfium2 as pdfium
-    from PIL import Image
 
     if not 36 <= dpi <= 1200:
         raise ValueError(f"--dpi {dpi}: choose between 36 and 1200")
@@ -76,16 +91,13 @@ def iter_pdf(root: Path, dpi: int = 144, max_pixels: int | None = None) -> Itera
                 cand = Candidate(id=f"{rel}#page={number}", image_path=None, markdown=text or None, group=rel,
                                  source="pdf", meta={"file": f"{rel}#page={number}", "page": number, "dpi": dpi})
                 page = doc[number - 1]
-                width, height = page.get_size()  # points; pixels follow from dpi before rendering
-                pixels = round(width * dpi / 72) * round(height * dpi / 72)
+                pixels = page_pixels(page, dpi)
                 if max_pixels is not None and pixels > max_pixels:
                     cand.problem = f"{rel} page {number}: {pixels} pixels at {dpi} dpi exceeds the cap of {max_pixels}"
                 elif not text:
                     cand.problem = f"{rel} page {number}: empty Markdown"
                 else:
-                    image = page.render(scale=dpi / 72).to_pil()
-                    if image.mode != "RGB":
-                        image = image.convert("RGB") if image.mode != "RGBA" else _on_white(image, Image)
+                    image = render_page(page, dpi)
                     buf = io.BytesIO()
                     image.save(buf, format="PNG")
                     cand.image_bytes = buf.getvalue()
