@@ -84,7 +84,7 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     from data_prep.synthetic import generate
     from finetune.config import load_config
     from finetune.evaluate import evaluate
-    from finetune.plots import plot_loss, plot_sample_cer
+    from finetune.plots import plot_loss
     from finetune.report import write_report
 
     from finetune.models import resolve_model
@@ -144,7 +144,6 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     t0 = _step(5, "evaluate base and adapter on the held-out test split")
     report = evaluate(model, out / "data", out, adapter=out / "run" / "adapter", batch_size=s.eval_batch_size,
                       max_new_tokens=s.max_new_tokens, progress=progress)
-    plot_sample_cer(out / "predictions.jsonl", out / "cer_per_sample.png")
     plot_loss(out / "run" / "metrics.jsonl", out / "loss.png")
     timings["eval_s"] = time.perf_counter() - t0
     _done(t0)

@@ -3,7 +3,9 @@
     ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/x/adapter \
         --data runs/data --split test --output runs/x/eval
 
-Writes OUTPUT/report.json, OUTPUT/report.md and OUTPUT/predictions.jsonl. While it runs,
+Writes OUTPUT/report.json, report.md, report.html (pages with differences marked, worst
+regressions and best gains first), predictions.jsonl, cer_histogram.png and, with an adapter,
+cer_per_sample.png (before vs after). While it runs,
 every finished batch is appended to OUTPUT/eval_progress.jsonl (flushed to disk); run the
 same command again after a crash or kill and it continues from there, refusing if any
 setting differs (`--restart` starts over). The journal is removed once the report is written.
@@ -113,6 +115,8 @@ def evaluate(
     from finetune.endpoint import run_endpoint
     from finetune.generate import Generation, generate_pages
     from finetune.models import load_model
+    from finetune.html_report import write_html
+    from finetune.plots import plot_cer_histogram, plot_sample_cer
     from finetune.report import write_predictions, write_report
     from finetune.score import score_report
     from finetune.runtime import choose_prompt, read_adapter_meta, resolve_dtype, resolve_vision
@@ -223,5 +227,9 @@ def evaluate(
         extra["group"] = groups
     write_predictions(output / "predictions.jsonl", ids, references, predictions, extra=extra)
     write_report(output, report)
+    write_html(output / "report.html", report, ids, references, predictions, image_of=lambda i: pages[i][1])
+    plot_cer_histogram(output / "predictions.jsonl", output / "cer_histogram.png")
+    if "comparison" in report:
+        plot_sample_cer(output / "predictions.jsonl", output / "cer_per_sample.png")
     (output / JOURNAL).unlink(missing_ok=True)  # the report now holds everything the journal did
     return report

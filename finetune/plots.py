@@ -76,3 +76,22 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     _save(fig, out_png)
     plt.close(fig)
     return out_png
+
+
+def plot_cer_histogram(predictions_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Per-page CER distribution of every system in the file (CER above 2 shown in the last bin)."""
+    plt = _pyplot()
+    first = json.loads(Path(predictions_jsonl).read_text(encoding="utf-8").splitlines()[0])
+    systems = list(first["predictions"])
+    bins = np.linspace(0, 2, 41)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for system in systems:
+        cers = np.minimum(sample_cers(predictions_jsonl, system), 2.0)
+        ax.hist(cers, bins=bins, alpha=0.55, label=f"{system} (median {np.median(cers):.2f})")
+    ax.set_xlabel(f"CER per page ({LEVEL_NAMES[HEADLINE]}; >= 2 in the last bin)")
+    ax.set_ylabel("pages")
+    ax.legend()
+    out_png = Path(out_png)
+    _save(fig, out_png)
+    plt.close(fig)
+    return out_png

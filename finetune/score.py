@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.html_report import write_html
 from finetune.metrics import HEADLINE, LEVELS, paired_bootstrap, system_metrics
+from finetune.plots import plot_cer_histogram
 from finetune.report import write_predictions, write_report
 
 
@@ -105,4 +107,6 @@ def score(predictions_path: str | Path, output: str | Path, base: str | None = N
         extra["hit_max_tokens"] = [{s: hits[s][i] for s in systems} for i in range(len(rows))]
     write_predictions(output / "predictions.jsonl", ids, references, predictions, extra=extra or None)
     write_report(output, report)
+    write_html(output / "report.html", report, ids, references, predictions)
+    plot_cer_histogram(output / "predictions.jsonl", output / "cer_histogram.png")
     return report

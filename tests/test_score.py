@@ -41,3 +41,21 @@ def test_score_rejects_inconsistent_lines_by_name(tmp_path):
                   "--base", "nope")
     assert res.returncode == 2 and "--base 'nope': not a system" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_report_html_marks_differences_and_orders_regressions_first(tmp_path):
+    from finetune.html_report import diff_html
+
+    assert diff_html("Total 12.50", "Total 12.5O") == "Total 12.5<del>0</del><ins>O</ins>"
+    assert diff_html("a<b", "a<b") == "a&lt;b"  # escaped, never raw HTML from a model
+    rows = [{"id": "gain", "reference": "hello world", "predictions": {"base": "hxllx wxrld", "adapted": "hello world"}},
+            {"id": "loss", "reference": "page two", "predictions": {"base": "page two", "adapted": "<script>x</script>"}},
+            {"id": "same", "reference": "abc", "predictions": {"base": "abc", "adapted": "abc"}}]
+    res = run_cli("score", str(_write(tmp_path / "p.jsonl", rows)), "--output", str(tmp_path / "o"),
+                  "--bootstrap-resamples", "200")
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert (page.index("Largest regressions") < page.index("<td>loss<br>") < page.index("Largest gains")
+            < page.index("<td>gain<br>"))
+    assert "<script>" not in page and "    assert "<script>" not in page and "&lt;script&gt;" in pagelt;scri" in page  # the model output is escaped inside the diff
+    assert (tmp_path / "o" / "cer_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
