@@ -57,5 +57,5 @@ def test_report_html_marks_differences_and_orders_regressions_first(tmp_path):
     page = (tmp_path / "o" / "report.html").read_text()
     assert (page.index("Largest regressions") < page.index("<td>loss<br>") < page.index("Largest gains")
             < page.index("<td>gain<br>"))
-    assert "<script>" not in page and "    assert "<script>" not in page and "&lt;script&gt;" in pagelt;scri" in page  # the model output is escaped inside the diff
+    assert "<script>" not in page and "&lt;scri" in page  # the model output is escaped inside the diff
     assert (tmp_path / "o" / "cer_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
