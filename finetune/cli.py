@@ -86,7 +86,8 @@ def _eval(args) -> int:
                       no_repeat_window=args.no_repeat_window, restart=args.restart,
                       endpoints=_endpoints(args), endpoint_key_env=args.endpoint_key_env,
                       endpoint_concurrency=args.endpoint_concurrency)
-    print((Path(args.output) / "report.md").read_text())
+    if report:  # only the main process of a multi-process eval writes and prints the report
+        print((Path(args.output) / "report.md").read_text())
     return 0
 
 

@@ -9,6 +9,9 @@ cer_per_sample.png (before vs after). While it runs,
 every finished batch is appended to OUTPUT/eval_progress.jsonl (flushed to disk); run the
 same command again after a crash or kill and it continues from there, refusing if any
 setting differs (`--restart` starts over). The journal is removed once the report is written.
+
+    accelerate launch --num_processes 8 -m finetune.cli eval ...   (GPUs: pages sharded, gathered)
+    torchrun --nproc_per_node 2 -m finetune.cli eval ...            (the same on CPU processes)
 """
 
 from __future__ import annotations
@@ -28,18 +31,26 @@ class EvalError(RuntimeError):
     pass
 
 
-class _Journal:
-    """Append-only record of finished pages: a kill loses at most the batch in flight."""
+def _journals(output: Path) -> list[Path]:
+    return sorted(output.glob("eval_progress*.jsonl"))
 
-    def __init__(self, path: Path, state: dict, restart: bool):
+
+class _Journal:
+    """Append-only record of finished pages: a kill loses at most the batch in flight.
+
+    One file per process (`eval_progress.jsonl`, or `eval_progress.rankN.jsonl` under
+    `accelerate launch`); every process reads all of them, so a resume may use another
+    number of processes."""
+
+    def __init__(self, path: Path, state: dict):
         self.path = path
         self.done: dict[tuple[str, str], dict] = {}
-        if path.is_file() and not restart:
-            lines = path.read_text(encoding="utf-8").splitlines()
+        for file in _journals(path.parent):
+            lines = file.read_text(encoding="utf-8").splitlines()
             saved = json.loads(lines[0]).get("state") if lines else None
             if saved != state:
                 differing = sorted(k for k in set(state) | set(saved or {}) if (saved or {}).get(k) != state.get(k))
-                raise EvalError(f"{path}: an unfinished eval with other settings ({', '.join(differing)} differ); "
+                raise EvalError(f"{file}: an unfinished eval with other settings ({', '.join(differing)} differ); "
                                 "pass --restart to discard it, or use another --output")
             for line in lines[1:]:
                 try:
@@ -47,7 +58,7 @@ class _Journal:
                 except json.JSONDecodeError:
                     continue  # the line being written when the process died
                 self.done[(row["system"], row["id"])] = row
-        else:
+        if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"state": state}) + "\n", encoding="utf-8")
 
@@ -107,6 +118,10 @@ def evaluate(
 ) -> dict:
     """`endpoints`: (base URL, model name) pairs of OpenAI-compatible servers evaluated as
     systems `endpoint:NAME` on the same pages with the same prompt and max tokens."""
+    from dataclasses import astuple
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
     from datasets import load_from_disk
     from tqdm.auto import tqdm
 
@@ -140,8 +155,12 @@ def evaluate(
             raise EvalError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
         adapter_meta = read_adapter_meta(adapter)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, device == "cuda"), device=device)
+    # Under `accelerate launch` every process takes a share of the pages; the main one gathers
+    # and writes. Alone, this is one process on cuda:0 or the CPU.
+    dist = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes form a gloo group
+    device = dist.device
+    progress = progress and dist.is_main_process
+    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, device.type == "cuda"), device=device)
     if adapter_meta and adapter_meta.get("base_model") not in (None, resolved.name):
         print(f"warning: adapter was trained on {adapter_meta['base_model']!r}, evaluating on {resolved.name!r}",
               file=sys.stderr)
@@ -170,7 +189,13 @@ def evaluate(
     state = {"model": resolved.name, "adapter": str(adapter) if adapter is not None else None, "data": str(data),
              "split": split, "pages": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "prompt": prompt, "max_new_tokens": max_new_tokens,
              "repetition_guard": guard.describe(), "vision": vision.as_dict(), "endpoints": sorted(endpoint_of)}
-    journal = _Journal(output / JOURNAL, state, restart)
+    if restart and dist.is_main_process:
+        for file in _journals(output):
+            file.unlink()
+    dist.wait_for_everyone()
+    own = output / (JOURNAL if dist.num_processes == 1 else f"eval_progress.rank{dist.process_index}.jsonl")
+    journal = _Journal(own, state)
+    dist.wait_for_everyone()  # every process has read the journals before any appends
     reused = sum(1 for s in systems for i in ids if (s, i) in journal.done)
     predictions, generations = {}, {}
     for system in systems:
@@ -179,8 +204,9 @@ def evaluate(
             row = journal.done.get((system, rid))
             if row is not None:
                 gens[k] = Generation(row["text"], row["new_tokens"], row["hit_max_tokens"])
-        todo = [k for k in range(len(ids)) if gens[k] is None]
-        bar = tqdm(total=len(pages), initial=len(pages) - len(todo), desc=f"eval {system}", unit="page",
+        remaining = [k for k in range(len(ids)) if gens[k] is None]
+        todo = remaining[dist.process_index::dist.num_processes]  # this process's share
+        bar = tqdm(total=len(pages), initial=len(pages) - len(remaining), desc=f"eval {system}", unit="page",
                    disable=not progress)
         record = lambda finished, system=system, todo=todo: journal.append(  # noqa: E731
             system, ids, [(todo[j], g) for j, g in finished])
@@ -200,11 +226,16 @@ def evaluate(
         else:
             new = []
         bar.close()
-        for k, g in zip(todo, new):
+        finished = list(zip(todo, new))
+        if dist.num_processes > 1:
+            finished = [(k, Generation(*g)) for k, g in gather_object([(k, astuple(g)) for k, g in finished])]
+        for k, g in finished:
             gens[k] = g
         generations[system] = gens
         predictions[system] = [g.text for g in gens]
 
+    if not dist.is_main_process:
+        return {}  # the main process writes the report
     groups = list(rows["group"]) if "group" in rows.column_names else None
     hits = {system: [g.hit_max_tokens for g in generations[system]] for system in systems}
     report = {
@@ -216,6 +247,7 @@ def evaluate(
         "vision": vision.as_dict(),
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "repetition_guard": guard.describe(), "sorted_by": "reference token count"},
+        "processes": dist.num_processes,
         "resume": {"reused_predictions": reused, "generated": len(systems) * len(ids) - reused},
         **score_report(ids, references, predictions, hits, groups,
                        "base" if adapter is not None else None, "adapted" if adapter is not None else None,
@@ -231,5 +263,6 @@ def evaluate(
     plot_cer_histogram(output / "predictions.jsonl", output / "cer_histogram.png")
     if "comparison" in report:
         plot_sample_cer(output / "predictions.jsonl", output / "cer_per_sample.png")
-    (output / JOURNAL).unlink(missing_ok=True)  # the report now holds everything the journal did
+    for file in _journals(output):  # the report now holds everything the journals did
+        file.unlink()
     return report

@@ -210,3 +210,21 @@ def test_killed_eval_resumes_without_recomputing(tmp_path, loop):
     journal.write_text(json.dumps({"state": {"model": "other"}}) + "\n")
     refused = run_cli(*args, "--output", str(out))
     assert refused.returncode == 2 and "unfinished eval with other settings" in refused.stderr
+
+
+def test_eval_sharded_over_two_processes_matches_one(tmp_path, loop):
+    """Two processes (torchrun here: `accelerate launch --cpu` starts one) shard the pages and
+    gather: same predictions as one process."""
+    import os
+
+    data = loop["work"] / "data"
+    args = ["eval", "--model", TINY, "--adapter", str(loop["work"] / "run/adapter"), "--data", str(data),
+            "--max-new-tokens", "16", "--batch-size", "4", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "finetune.cli", *args, "--output", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two/report.json").read_text())["processes"] == 2
+    one = loop["work"] / "run/eval"  # the single-process eval of the same adapter, settings and pages
+    assert (tmp_path / "two/predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
