@@ -2,6 +2,7 @@
 
     ocrtune demo                      (the whole job on a laptop CPU in minutes; see finetune/demo.py)
     ocrtune data build --source folder --input scans/ --output runs/data
+    ocrtune validate configs/runs/*.yaml configs/accelerate/*.yaml
     ocrtune train configs/runs/tiny_smoke.yaml data.path=runs/data
     ocrtune eval --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --data runs/data --output runs/tiny-smoke/eval
     ocrtune score runs/tiny-smoke/eval/predictions.jsonl --output runs/rescored
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_predict)
 
+    sub.add_parser("validate", help="check run configs and accelerate topologies without weights or data",
+                   add_help=False)
+
     sv = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions for the base model or base + adapter")
     sv.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
     sv.add_argument("--adapter", type=Path)
@@ -280,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["validate"]:
+        from finetune.validate import main as validate_main
+
+        if len(argv) < 2 or argv[1] in ("-h", "--help"):
+            print("usage: ocrtune validate CONFIG.yaml [CONFIG.yaml ...]  (run configs and accelerate topologies)")
+            return 0 if len(argv) >= 2 else 2
+        return validate_main(argv[1:])
     if argv[:1] == ["demo"]:
         from finetune.demo import main as demo_main
 

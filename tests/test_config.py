@@ -70,3 +70,20 @@ def test_every_recipe_parses_and_names_shipped_configs(path: Path):
         assert (REPO / ref).is_file(), ref
         if ref.startswith("configs/runs/"):
             load_config(REPO / ref)
+
+
+def test_ocrtune_validate_cli(tmp_path):
+    from tests.helpers import run_cli
+
+    shipped = sorted(str(p) for p in (REPO / "configs").glob("*/*.yaml"))
+    ok = run_cli("validate", *shipped)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.count("\nok ") + ok.stdout.startswith("ok ") == len(shipped)
+    (tmp_path / "bad.yaml").write_text("model:\n  name: builtin:nope\ndata:\n  path: x\n")
+    (tmp_path / "typo.yaml").write_text("model:\n  name: a/b\ndata:\n  path: x\ntrain:\n  max_stepz: 3\n")
+    (tmp_path / "acc.yaml").write_text("compute_environment: LOCAL_MACHINE\nnum_processez: 2\n")
+    bad = run_cli("validate", str(tmp_path / "bad.yaml"), str(tmp_path / "typo.yaml"), str(tmp_path / "acc.yaml"))
+    assert bad.returncode == 2
+    assert "bad.yaml: model.name: unknown model 'builtin:nope'" in bad.stdout
+    assert "unknown config key 'train.max_stepz'" in bad.stdout
+    assert "acc.yaml: not a valid accelerate config" in bad.stdout

@@ -1,0 +1,67 @@
+"""Check configs without weights or data: `ocrtune validate CONFIG.yaml [...]`.
+
+    ocrtune validate configs/runs/ocr2_handwriting.yaml configs/accelerate/multi_gpu.yaml
+
+A run config is loaded into the typed dataclasses (unknown keys, bad types and bad choices
+are errors naming the key); its model name must resolve without downloading (builtin:NAME,
+a local checkpoint folder, or a well-formed Hub id); a local model path or data.path that
+does not exist yet is a warning (a recipe may build it first). An accelerate topology (a file with
+`compute_environment`) is loaded with accelerate's own ClusterConfig. Exit 0 when every
+file is valid, 2 otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def validate_file(path: str | Path) -> tuple[bool, list[str]]:
+    """(valid, lines to print) for one config file."""
+    import yaml
+
+    from finetune.config import ConfigError, load_config
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return False, [f"error {path}: cannot read YAML ({exc})"]
+    if isinstance(raw, dict) and "compute_environment" in raw:
+        from accelerate.commands.config.config_args import ClusterConfig
+
+        try:
+            cfg = ClusterConfig.from_yaml_file(str(path))
+        except (TypeError, ValueError) as exc:
+            return False, [f"error {path}: not a valid accelerate config ({exc})"]
+        return True, [f"ok {path}: accelerate {cfg.distributed_type}, {cfg.num_processes} process(es), "
+                      f"{cfg.num_machines} machine(s), mixed precision {cfg.mixed_precision}"]
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        return False, [f"error {path}: {exc}"]
+    lines = []
+    name = cfg.model.name
+    if name.startswith("builtin:") or Path(name).exists():
+        from finetune.models import ModelNameError, resolve_model
+
+        try:
+            resolve_model(name)
+        except ModelNameError as exc:
+            return False, [f"error {path}: model.name: {exc}"]
+    elif name.count("/") != 1 or name.startswith((".", "/")):  # a local path that is not there (yet)
+        lines.append(f"warning {path}: model.name {name} does not exist yet (a local checkpoint path)")
+    if not (Path(cfg.data.path) / "dataset_dict.json").is_file():
+        lines.append(f"warning {path}: data.path {cfg.data.path} is not a built dataset yet (ocrtune data build)")
+    t = cfg.train
+    lines.append(f"ok {path}: model {name}, lora {cfg.lora.preset} r={cfg.lora.r}, {t.max_steps} steps of "
+                 f"{t.batch_size} x {t.grad_accum} per process, lr {t.lr}")
+    return True, lines
+
+
+def main(paths: list[str]) -> int:
+    ok = True
+    for p in paths:
+        valid, lines = validate_file(p)
+        ok &= valid
+        print("\n".join(lines))
+    return 0 if ok else 2
