@@ -79,6 +79,14 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     num_workers: int = 0  # DataLoader workers decoding images in parallel
     log_every: int = 1
+    # Checkpoints under OUTPUT_DIR/checkpoints/ every this many steps (0 = none): adapter,
+    # optimizer, RNG of every process and data position, complete only with its marker.
+    save_steps: int = 0
+    save_total_limit: int = 2  # complete checkpoints kept; older ones go only after a newer one is complete
+    # "" = start fresh; "latest" = the newest complete checkpoint in OUTPUT_DIR (fresh if none);
+    # or a checkpoint folder. Another seed, data, model, LoRA or batch layout is refused ...
+    resume_from: str = ""
+    resume_force: bool = False  # ... unless this is true
 
 
 @dataclass

@@ -73,17 +73,45 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     )
 
 
-def _forever(loader, set_epoch):
-    epoch = 0
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation per epoch computed from (seed, epoch) alone: a resumed run can reach any
+    epoch's order without replaying the ones before it."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _forever(loader, sampler, start_epoch: int = 0, skip: int = 0):
+    """Micro-batches across epochs, starting `skip` batches into `start_epoch` (a resume).
+
+    Skipped batches are drawn and dropped rather than jumped over: slower on resume, but the
+    batches that follow are exactly the uninterrupted run's, even at a ragged epoch end."""
+    epoch = start_epoch
     while True:
-        set_epoch(epoch)
-        yield from loader
+        sampler.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):  # accelerate's loader keeps its own epoch count and
+            loader.set_epoch(epoch)       # pushes it into the sampler on every iter(): align it
+        it = iter(loader)
+        for _ in range(skip):
+            next(it)
+        skip = 0
+        yield from it
         epoch += 1
 
 
 def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
     from datasets import load_from_disk
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -91,6 +119,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
     from data_prep.atomic import replace_dir, write_text_atomic
     from data_prep.build import read_dataset_info
+    from finetune.checkpoint import CheckpointError, latest_complete, load_checkpoint, save_checkpoint
     from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
     from finetune.models import load_model
     from finetune.runtime import ADAPTER_META, choose_prompt, resolve_dtype, resolve_vision
@@ -157,12 +186,11 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
 
-    shuffle = torch.Generator().manual_seed(t.seed)
+    sampler = EpochShuffle(len(keep), t.seed)
     loader = torch.utils.data.DataLoader(
         _PageDataset(train_split, keep, builder),
         batch_size=t.batch_size,
-        shuffle=True,
-        generator=shuffle,
+        sampler=sampler,
         collate_fn=lambda examples: builder.collate(examples, padding_side="right"),
         num_workers=t.num_workers,
     )
@@ -177,21 +205,47 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         accelerator.init_trackers("ocrtune", config=to_dict(cfg))
 
     output_dir = Path(cfg.output_dir)
+    ckpt_root = output_dir / "checkpoints"
+    # What a checkpoint must agree on to be resumed: the same data order and the same update.
+    identity = {"seed": t.seed, "model": resolved.name, "data": str(data_path), "train_samples": len(keep),
+                "lora": to_dict(cfg.lora), "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                "processes": accelerator.num_processes, "max_steps": t.max_steps, "lr": t.lr}
+    start_step = 0
+    if t.resume_from:
+        path = latest_complete(ckpt_root) if t.resume_from == "latest" else Path(t.resume_from)
+        if path is None:
+            say(f"train.resume_from=latest: no complete checkpoint in {ckpt_root}; starting fresh")
+        else:
+            try:
+                start_step = load_checkpoint(path, model, optimizer, accelerator, identity, t.resume_force)["step"]
+            except CheckpointError as exc:
+                raise TrainError(str(exc)) from None
+            for _ in range(start_step):  # the schedule is a pure function of the step
+                scheduler.step()
+            say(f"resumed from {path} at step {start_step}")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.yaml", dump_yaml(cfg))
     metrics_file = output_dir / "metrics.jsonl"
-    metrics_fh = open(metrics_file, "w", encoding="utf-8") if main else None
+    metrics_fh = None
+    if main:
+        # On resume keep the records up to the checkpoint; a killed run may have logged past it.
+        kept_lines = []
+        if start_step and metrics_file.is_file():
+            kept_lines = [x for x in metrics_file.read_text().splitlines() if x and json.loads(x)["step"] <= start_step]
+        metrics_fh = open(metrics_file, "w", encoding="utf-8")
+        metrics_fh.write("".join(x + "\n" for x in kept_lines))
 
-    set_epoch = getattr(loader, "set_epoch", lambda epoch: None)
-    batches = _forever(loader, set_epoch)
-    bar = tqdm(total=t.max_steps, desc="train", disable=not (main and progress))
+    consumed = start_step * t.grad_accum  # micro-batches this process has taken
+    batches = _forever(loader, sampler, consumed // len(loader), consumed % len(loader))
+    bar = tqdm(total=t.max_steps, initial=start_step, desc="train", disable=not (main and progress))
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
     last_loss = float("nan")
-    for step in range(1, t.max_steps + 1):
+    for step in range(start_step + 1, t.max_steps + 1):
         window = [next(batches) for _ in range(t.grad_accum)]
+        sample_ids = [i for ids in gather_object([[x for b in window for x in b["ids"]]]) for i in ids]
         # Loss is normalised by the answer tokens of the whole effective batch (all
         # micro-batches, all processes), not averaged per micro-batch: long and short
         # pages weigh per token, as in one big batch.
@@ -217,12 +271,15 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         tokens_seen += n_tokens
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "target_tokens": n_tokens,
-                  "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
+                  "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed, "sample_ids": sample_ids}
         if main and (step % t.log_every == 0 or step == t.max_steps):
             metrics_fh.write(json.dumps(record) + "\n")
             metrics_fh.flush()
         if cfg.report_to:
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            accelerator.log({k: v for k, v in record.items() if k not in ("step", "sample_ids")}, step=step)
+        if t.save_steps and step % t.save_steps == 0 and step < t.max_steps:
+            save_checkpoint(ckpt_root, step, model, optimizer, {"step": step, "micro_batches": step * t.grad_accum,
+                            "processes": accelerator.num_processes, "run": identity}, accelerator, t.save_total_limit)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
     bar.close()

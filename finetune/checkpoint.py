@@ -1,0 +1,126 @@
+"""Training checkpoints that are either complete or ignored.
+
+    OUTPUT_DIR/checkpoints/step-000040/
+        trainable.safetensors   every trainable tensor (the LoRA weights; all weights for preset full)
+        optimizer.pt            optimizer state: tensors and numbers only, read with weights_only=True
+        rng-rank{R}.pt          python, numpy, torch and CUDA RNG states of process R
+        trainer_state.json      step, micro-batches consumed, and the run's identity
+        COMPLETE                written last; a folder without it is ignored and cleaned up
+
+Older checkpoints are removed only after a newer one is complete, so a crash (SIGKILL,
+power, disk full) at any moment leaves at least the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dirs(root: Path) -> list[Path]:
+    return sorted((p for p in Path(root).glob("step-*") if p.is_dir()), key=lambda p: p.name)
+
+
+def latest_complete(root: Path) -> Path | None:
+    done = [p for p in step_dirs(root) if (p / MARKER).is_file()]
+    return done[-1] if done else None
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accelerator, keep: int) -> Path:
+    """Write step `step` (all processes call this); rotate to the newest `keep` complete ones."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    target = root / f"step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of a crashed run
+        target.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), target / f"rng-rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        save_file(tensors, str(target / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), target / "optimizer.pt")
+        _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()  # every rank's RNG file is on disk
+    if accelerator.is_main_process:
+        _fsync_write(target / MARKER, f"step {step}\n")
+        complete = [p for p in step_dirs(root) if (p / MARKER).is_file()]
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in step_dirs(root):
+            if not (stale / MARKER).is_file():
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, accelerator, identity: dict, force: bool) -> dict:
+    """Restore weights, optimizer and this process's RNG; returns trainer_state.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"train.resume_from {path}: not a complete checkpoint (no {MARKER} marker)")
+    state = json.loads((path / "trainer_state.json").read_text())
+    differing = sorted(k for k in set(identity) | set(state["run"]) if identity.get(k) != state["run"].get(k))
+    if differing and not force:
+        raise CheckpointError(
+            f"train.resume_from {path}: the checkpoint belongs to another run ({', '.join(differing)} differ); "
+            "set train.resume_force=true to resume anyway")
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise CheckpointError(f"{path}: no RNG state for process {accelerator.process_index} "
+                              f"(written by {state['processes']} processes)")
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: trainable tensors do not match the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
