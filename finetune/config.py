@@ -140,6 +140,9 @@ def _check_type(value, tp, key: str):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare `no` / `yes` (e.g. mixed_precision: no) as a boolean.
+            return "yes" if value else "no"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

@@ -87,3 +87,8 @@ def test_ocrtune_validate_cli(tmp_path):
     assert "bad.yaml: model.name: unknown model 'builtin:nope'" in bad.stdout
     assert "unknown config key 'train.max_stepz'" in bad.stdout
     assert "acc.yaml: not a valid accelerate config" in bad.stdout
+
+
+def test_bare_no_is_the_string_no():
+    cfg = load_config(None, ["model.name=builtin:x", "data.path=d", "train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from finetune.checkpoint import MARKER, step_dirs
@@ -82,3 +83,27 @@ def test_resume_refuses_another_run(tiny_dataset, tmp_path):
                                   "train.resume_force=true"), cwd=REPO, env=_env(), capture_output=True, text=True,
                             timeout=600)
     assert forced.returncode == 0, forced.stderr[-2000:]
+
+
+def test_two_cpu_processes_train_the_same_adapter_as_one(tiny_dataset, tmp_path):
+    """torchrun --nproc_per_node 2 with batch 1 per process == one process with batch 2: the
+    same samples per optimizer step, the loss normalised over all their tokens."""
+    common = [str(REPO / "configs/runs/tiny_smoke.yaml"), f"data.path={tiny_dataset}", "train.max_steps=6",
+              "train.grad_accum=2", "train.mixed_precision=no", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "finetune.train", *common, "train.batch_size=2",
+                          f"output_dir={tmp_path / 'one'}"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "finetune.train",
+                          *common, "train.batch_size=1", f"output_dir={tmp_path / 'two'}"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["processes"] == 2
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    ids_one = [sorted(x) for x in _ids(tmp_path / "one")]
+    ids_two = [sorted(x) for x in _ids(tmp_path / "two")]
+    assert ids_one == ids_two  # the same samples in every optimizer step
