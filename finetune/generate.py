@@ -17,6 +17,7 @@ class Generation:
     new_tokens: int
     hit_max_tokens: bool  # no EOS before the cap: a truncated or looping output
     token_ids: tuple[int, ...] = ()  # the generated ids, EOS and padding removed
+    prompt_tokens: int = 0  # ids before the answer (BOS, prompt, image placeholders), padding excluded
 
 
 @torch.no_grad()
@@ -67,7 +68,8 @@ def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, 
             else:
                 ids = [t for t in ids if t != builder.pad_id]
                 hit = True
-            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids))
+            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids),
+                                    int(batch["attention_mask"][row].sum()))
         if on_batch is not None:
             on_batch([(i, results[i]) for i in chunk])
         if progress is not None:
@@ -113,4 +115,5 @@ def stream_page(model, builder, page, max_new_tokens: int, guard=None):
     ids = result["out"][0, batch["input_ids"].shape[1]:].tolist()
     hit = builder.eos_id not in ids
     ids = ids[: ids.index(builder.eos_id)] if not hit else [t for t in ids if t != builder.pad_id]
-    yield Generation(builder.tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids))
+    yield Generation(builder.tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids),
+                     int(batch["attention_mask"][0].sum()))

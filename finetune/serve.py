@@ -100,10 +100,6 @@ class Engine:
         with self.lock:
             yield from stream_page(self.model, self.builder(prompt), ("0", image), max_tokens, self.guard)
 
-    def prompt_tokens(self, prompt: str, image) -> int:
-        ex = self.builder(prompt).build("0", image)
-        return len(ex.input_ids)
-
 
 def parse_request(body: bytes, engine: Engine, image_root: Path, max_pixels: int):
     """-> (PIL image, prompt, max_tokens, stream, include_usage); RequestError on anything malformed."""
@@ -212,10 +208,9 @@ def make_handler(engine: Engine, image_root: Path, max_pixels: int):
                 self._error(exc.status, str(exc), exc.kind)
                 return
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            prompt_tokens = engine.prompt_tokens(prompt, image)
             try:
                 if stream:
-                    self._stream(rid, created, image, prompt, max_tokens, prompt_tokens, include_usage)
+                    self._stream(rid, created, image, prompt, max_tokens, include_usage)
                     return
                 gen = engine.complete(image, prompt, max_tokens)
             except Exception as exc:  # a model failure: report it, keep serving
@@ -225,11 +220,11 @@ def make_handler(engine: Engine, image_root: Path, max_pixels: int):
                 "id": rid, "object": "chat.completion", "created": created, "model": engine.served_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
                              "finish_reason": "length" if gen.hit_max_tokens else "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": gen.new_tokens,
-                          "total_tokens": prompt_tokens + gen.new_tokens},
+                "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.new_tokens,
+                          "total_tokens": gen.prompt_tokens + gen.new_tokens},
             })
 
-        def _stream(self, rid, created, image, prompt, max_tokens, prompt_tokens, include_usage):
+        def _stream(self, rid, created, image, prompt, max_tokens, include_usage):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -254,8 +249,8 @@ def make_handler(engine: Engine, image_root: Path, max_pixels: int):
                     final = item
             event({}, finish="length" if final.hit_max_tokens else "stop")
             if include_usage:
-                event({}, usage={"prompt_tokens": prompt_tokens, "completion_tokens": final.new_tokens,
-                                 "total_tokens": prompt_tokens + final.new_tokens})
+                event({}, usage={"prompt_tokens": final.prompt_tokens, "completion_tokens": final.new_tokens,
+                                 "total_tokens": final.prompt_tokens + final.new_tokens})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 
