@@ -126,15 +126,13 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from data_prep.build import read_dataset_info
-    from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.endpoint import run_endpoint
     from finetune.generate import Generation, generate_pages
-    from finetune.models import load_model
     from finetune.html_report import write_html
     from finetune.plots import plot_cer_histogram, plot_sample_cer
     from finetune.report import write_predictions, write_report
     from finetune.score import score_report
-    from finetune.runtime import choose_prompt, read_adapter_meta, resolve_dtype, resolve_vision
+    from finetune.runtime import load_for_inference
     from finetune.sequence import builder_for
 
     data, output = Path(data), Path(output)
@@ -148,37 +146,18 @@ def evaluate(
         rows = rows.select(range(min(limit, len(rows))))
     if len(rows) == 0:
         raise EvalError(f"{data}:{split} is empty")
-    adapter_meta = None
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise EvalError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
-        adapter_meta = read_adapter_meta(adapter)
-
     # Under `accelerate launch` every process takes a share of the pages; the main one gathers
     # and writes. Alone, this is one process on cuda:0 or the CPU.
     dist = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes form a gloo group
-    device = dist.device
     progress = progress and dist.is_main_process
-    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, device.type == "cuda"), device=device)
-    if adapter_meta and adapter_meta.get("base_model") not in (None, resolved.name):
-        print(f"warning: adapter was trained on {adapter_meta['base_model']!r}, evaluating on {resolved.name!r}",
-              file=sys.stderr)
-    family = resolved.family
-    vision_saved = (adapter_meta or {}).get("vision", {})
-    vision = resolve_vision(family, processor, vision_saved.get("crop_to_patches"), vision_saved.get("min_tiles"),
-                            vision_saved.get("max_tiles"))
-    prompt = choose_prompt(prompt, adapter_meta, read_dataset_info(data))
-    builder = builder_for(family, processor, model.config, prompt, vision)
-    guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(builder.tokenizer))
-
-    systems = ["base"]
-    if adapter is not None:
-        from finetune.lora import load_adapter
-
-        model = load_adapter(model, adapter, "adapted", family.ADAPTER_DISK_RENAMES)
-        systems.append("adapted")
-    model.eval()
+    try:
+        inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window,
+                                 device=dist.device, dataset_info=read_dataset_info(data))
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    model, prompt, vision, guard = inf.model, inf.prompt, inf.vision, inf.guard
+    builder = builder_for(inf.family, inf.processor, model.config, prompt, vision)
+    systems = ["base"] + (["adapted"] if adapter is not None else [])
     endpoint_of = {f"endpoint:{name}": (url, name) for url, name in endpoints}
     systems += list(endpoint_of)
 
@@ -186,7 +165,7 @@ def evaluate(
     references = list(rows["markdown"])
     pages = _LazyPages(rows)
     expected = [builder.count_target_tokens(r) for r in references]
-    state = {"model": resolved.name, "adapter": str(adapter) if adapter is not None else None, "data": str(data),
+    state = {"model": inf.name, "adapter": str(adapter) if adapter is not None else None, "data": str(data),
              "split": split, "pages": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "prompt": prompt, "max_new_tokens": max_new_tokens,
              "repetition_guard": guard.describe(), "vision": vision.as_dict(), "endpoints": sorted(endpoint_of)}
     if restart and dist.is_main_process:
@@ -239,7 +218,7 @@ def evaluate(
     groups = list(rows["group"]) if "group" in rows.column_names else None
     hits = {system: [g.hit_max_tokens for g in generations[system]] for system in systems}
     report = {
-        "model": resolved.name,
+        "model": inf.name,
         "adapter": str(adapter) if adapter is not None else None,
         "data": str(data),
         "split": split,

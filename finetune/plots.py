@@ -23,10 +23,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure atomically (temp file, then rename) and free it."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(path)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 def sample_cers(predictions_jsonl: str | Path, system: str) -> np.ndarray:
@@ -52,10 +59,7 @@ def plot_sample_cer(predictions_jsonl: str | Path, out_png: str | Path, base: st
     ax.set_xlabel(f"{base} CER per page ({LEVEL_NAMES[HEADLINE]})")
     ax.set_ylabel(f"{adapted} CER per page")
     ax.set_title(f"{len(before)} pages: {better} better, {worse} worse, {len(before) - better - worse} equal")
-    out_png = Path(out_png)
-    _save(fig, out_png)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def plot_loss(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
@@ -72,10 +76,7 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     ax.set_ylabel("loss per answer token")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    out_png = Path(out_png)
-    _save(fig, out_png)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def plot_cer_histogram(predictions_jsonl: str | Path, out_png: str | Path) -> Path:
@@ -91,7 +92,4 @@ def plot_cer_histogram(predictions_jsonl: str | Path, out_png: str | Path) -> Pa
     ax.set_xlabel(f"CER per page ({LEVEL_NAMES[HEADLINE]}; >= 2 in the last bin)")
     ax.set_ylabel("pages")
     ax.legend()
-    out_png = Path(out_png)
-    _save(fig, out_png)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)

@@ -60,25 +60,34 @@ class Inference:
 
 
 def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str | None, dtype: str,
-                       no_repeat_ngram: int, no_repeat_window: int) -> Inference:
-    """Base model (+ adapter, active), its vision settings and prompt as trained, the guard."""
+                       no_repeat_ngram: int, no_repeat_window: int, device=None,
+                       dataset_info: dict | None = None) -> Inference:
+    """Base model (+ adapter, active as "adapted"), its vision settings and prompt as trained,
+    the repetition guard: what eval, predict and serve decode with."""
+    import sys
+
     from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.models import load_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, device == "cuda"), device=device)
     meta = {}
     if adapter is not None:
-        from finetune.lora import load_adapter
-
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise ValueError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
         meta = read_adapter_meta(adapter)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = torch.device(device).type == "cuda"
+    resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, on_gpu), device=device)
+    if meta.get("base_model") not in (None, resolved.name):
+        print(f"warning: adapter was trained on {meta['base_model']!r}, loaded on {resolved.name!r}", file=sys.stderr)
+    if adapter is not None:
+        from finetune.lora import load_adapter
+
         model = load_adapter(model, adapter, "adapted", resolved.family.ADAPTER_DISK_RENAMES)
     model.eval()
     saved = meta.get("vision", {})
     vision = resolve_vision(resolved.family, processor, saved.get("crop_to_patches"), saved.get("min_tiles"),
                             saved.get("max_tiles"))
     guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
-    return Inference(resolved.name, model, processor, resolved.family, vision, guard, choose_prompt(prompt, meta, {}))
+    return Inference(resolved.name, model, processor, resolved.family, vision, guard,
+                     choose_prompt(prompt, meta, dataset_info or {}))
