@@ -65,24 +65,57 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_torch(obj, path: Path) -> None:
+    # Through a Python file object so a full disk surfaces as OSError (ENOSPC), not as an
+    # opaque error from torch's C++ writer.
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accelerator, keep: int) -> Path:
-    """Write step `step` (all processes call this); rotate to the newest `keep` complete ones."""
-    from safetensors.torch import save_file
+    """Write step `step` (all processes call this); rotate to the newest `keep` complete ones.
+
+    If any process fails to write (disk full, quota, permissions), every process learns it,
+    the partial folder is removed, older checkpoints stay as they were, and CheckpointError
+    says which checkpoint is still complete."""
+    from accelerate.utils import gather_object
+    from safetensors.torch import save as safetensors_bytes
 
     root = Path(root)
     target = root / f"step-{step:06d}"
+    error = ""
     if accelerator.is_main_process:
-        shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of a crashed run
-        target.mkdir(parents=True)
+        try:
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of a crashed run
+            target.mkdir(parents=True)
+        except OSError as exc:
+            error = f"{target}: {exc}"
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), target / f"rng-rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        save_file(tensors, str(target / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), target / "optimizer.pt")
-        _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
-    accelerator.wait_for_everyone()  # every rank's RNG file is on disk
+    if not error:
+        try:
+            _save_torch(_rng_state(), target / f"rng-rank{accelerator.process_index}.pt")
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model)
+                tensors = {n: p.detach().to("cpu").contiguous() for n, p in unwrapped.named_parameters()
+                           if p.requires_grad}
+                with open(target / "trainable.safetensors", "wb") as fh:
+                    fh.write(safetensors_bytes(tensors))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                _save_torch(optimizer.state_dict(), target / "optimizer.pt")
+                _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
+        except (OSError, RuntimeError) as exc:
+            error = f"process {accelerator.process_index}: {exc}"
+    errors = [e for e in gather_object([error]) if e]  # every rank's file is on disk, or someone failed
+    if errors:
+        if accelerator.is_main_process:
+            shutil.rmtree(target, ignore_errors=True)
+        previous = latest_complete(root)
+        kept = f"the previous complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {target} ({'; '.join(errors)}); {kept}. Free space on "
+                              f"{root} or lower train.save_total_limit, then continue with train.resume_from=latest")
     if accelerator.is_main_process:
         _fsync_write(target / MARKER, f"step {step}\n")
         complete = [p for p in step_dirs(root) if (p / MARKER).is_file()]

@@ -61,6 +61,13 @@ class LoraSettings:
     r: int = 16  # rank: capacity of the update; parameters grow linearly with r
     alpha: int = 16  # scale = alpha / r; keep alpha = r unless you know why
     dropout: float = 0.0  # regularises small datasets; slows nothing
+    # rsLoRA: scale alpha/sqrt(r) instead of alpha/r, so raising r keeps the update's size
+    # (better at r >= 64). Costs nothing.
+    use_rslora: bool = False
+    # DoRA: learns a magnitude per output feature on top of the LoRA direction; often closer
+    # to full fine-tuning at low r, ~20-40% slower steps. Not for preset "all" (PEFT has no
+    # DoRA for the fused expert parameters).
+    use_dora: bool = False
 
 
 @dataclass
@@ -76,7 +83,16 @@ class TrainSettings:
     # auto = bf16 on a GPU that supports it, fp32 otherwise; or "no" / "bf16" / "fp16".
     mixed_precision: str = "auto"
     # Recompute activations in the backward pass: ~30% slower, far less activation memory.
-    gradient_checkpointing: bool = False
+    # None = on for real checkpoints, off for the builtin tiny models (too small to need it).
+    gradient_checkpointing: bool | None = None
+    # The LM head runs on this many answer tokens at a time, each block recomputed in the
+    # backward pass, so full vocabulary-sized logits (129k columns on the real model) never
+    # exist for the whole batch. 0 = plain loss (all answer logits at once: faster on tiny
+    # vocabularies, gigabytes on the real one). Same loss and gradients either way.
+    loss_chunk_tokens: int = 1024
+    # Batches of similar answer length (within windows of 50 batches, order still from the
+    # seed): less padding, faster steps; slightly less random batches.
+    group_by_length: bool = False
     num_workers: int = 0  # DataLoader workers decoding images in parallel
     log_every: int = 1
     # Checkpoints under OUTPUT_DIR/checkpoints/ every this many steps (0 = none): adapter,
@@ -90,12 +106,27 @@ class TrainSettings:
 
 
 @dataclass
+class ValidationSettings:
+    # Every this many optimizer steps: loss and CER (greedy decoding, as `ocrtune eval`) on
+    # the first max_samples pages of `split`; the best CER so far is kept in OUTPUT_DIR/best/.
+    # 0 = no validation during training. Each run costs a generation pass: keep it small.
+    every_steps: int = 0
+    split: str = "validation"
+    max_samples: int = 64
+    batch_size: int = 8
+    max_new_tokens: int = 512  # as eval's cap: a looping page costs at most this many tokens
+    # Stop after this many validations in a row without a better CER (0 = never stop early).
+    early_stopping_patience: int = 0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     output_dir: str = "runs/ocrtune"  # adapter/, config.yaml, metrics.jsonl land here
     report_to: list[str] = field(default_factory=list)  # [] or [wandb]
 
@@ -211,6 +242,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
     if cfg.lora.preset not in PRESET_CHOICES:
         raise ConfigError(f"{where}lora.preset {cfg.lora.preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+    if cfg.lora.use_dora and cfg.lora.preset in ("all", "full"):
+        raise ConfigError(f"{where}lora.use_dora: not available with lora.preset {cfg.lora.preset!r} "
+                          "(PEFT has no DoRA for fused expert parameters); use attention or attention+mlp")
+    for i, name in enumerate(cfg.report_to):
+        if name not in ("wandb",):
+            raise ConfigError(f"{where}report_to[{i}] {name!r}: supported trackers are: wandb")
+    if cfg.train.loss_chunk_tokens < 0:
+        raise ConfigError(f"{where}train.loss_chunk_tokens must be >= 0 (0 = plain loss)")
     return cfg
 
 

@@ -46,13 +46,16 @@ def resolve_targets(model: nn.Module, preset: str, layout) -> LoraTargets:
     return LoraTargets(target_modules=pattern, target_parameters=params, n_modules=len(matched))
 
 
-def lora_config(targets: LoraTargets, r: int, alpha: int, dropout: float):
+def lora_config(targets: LoraTargets, r: int, alpha: int, dropout: float, use_rslora: bool = False,
+                use_dora: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
         target_modules=targets.target_modules,
         target_parameters=targets.target_parameters or None,
         bias="none",

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
+from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
+from finetune.loss import token_loss_sum
 from finetune.sequence import IGNORE_INDEX
 
 
@@ -55,30 +57,16 @@ class _PageDataset(torch.utils.data.Dataset):
         return self.builder.build(row["id"], row["image"], row["markdown"])
 
 
-def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label positions.
-
-    Logits are computed only from the first answer position on (`logits_to_keep`), so
-    the hundreds of image-placeholder positions never materialise vocabulary-sized rows.
-    """
-    labels = batch["labels"]
-    has_label = (labels != IGNORE_INDEX).any(dim=0)
-    start = int(has_label.nonzero()[0]) if has_label.any() else labels.shape[1] - 1
-    keep = torch.arange(start - 1, labels.shape[1] - 1, device=labels.device)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids")}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    targets = labels[:, start:]
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
 class EpochShuffle(torch.utils.data.Sampler):
     """A permutation per epoch computed from (seed, epoch) alone: a resumed run can reach any
-    epoch's order without replaying the ones before it."""
+    epoch's order without replaying the ones before it.
 
-    def __init__(self, n: int, seed: int):
+    With `lengths`, each window of `window` consecutive samples of that permutation is
+    sorted longest first, so consecutive batches hold pages of similar length (less padding)."""
+
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, window: int = 0):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.window = lengths, window
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -88,7 +76,11 @@ class EpochShuffle(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is not None and self.window > 1:
+            order = [i for w in range(0, self.n, self.window)
+                     for i in sorted(order[w : w + self.window], key=lambda i: -self.lengths[i])]
+        return iter(order)
 
 
 def _forever(loader, sampler, start_epoch: int = 0, skip: int = 0):
@@ -117,15 +109,17 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from data_prep.atomic import replace_dir, write_text_atomic
+    from data_prep.atomic import write_text_atomic
     from data_prep.build import read_dataset_info
     from finetune.checkpoint import CheckpointError, latest_complete, load_checkpoint, save_checkpoint
-    from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets, save_adapter
-    from finetune.models import load_model
-    from finetune.runtime import ADAPTER_META, choose_prompt, resolve_dtype, resolve_vision
+    from finetune.decoding import RepetitionGuard, table_tag_ids
+    from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets
+    from finetune.models import BUILTIN_PREFIX, load_model
+    from finetune.runtime import choose_prompt, resolve_dtype, resolve_vision
     from finetune.sequence import builder_for
+    from finetune.validation import validate
 
-    t = cfg.train
+    t, v = cfg.train, cfg.validation
     full = cfg.lora.preset == FULL
     # --- Accelerator first: it decides device, precision and process layout. -------------
     on_gpu = torch.cuda.is_available()
@@ -154,6 +148,13 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     if cfg.data.train_split not in splits:
         raise TrainError(f"data.train_split {cfg.data.train_split!r}: {data_path} has splits {', '.join(splits)}")
     train_split = splits[cfg.data.train_split]
+    val_rows = None
+    if v.every_steps:
+        if v.split not in splits or len(splits[v.split]) == 0:
+            raise TrainError(f"validation.split {v.split!r}: {data_path} has no such non-empty split "
+                             f"(splits: {', '.join(f'{k} ({len(x)})' for k, x in splits.items())}); "
+                             "set validation.every_steps=0 to train without validation")
+        val_rows = splits[v.split].select(range(min(v.max_samples, len(splits[v.split]))))
     prompt = choose_prompt(cfg.data.prompt, None, read_dataset_info(data_path))
 
     # --- Model, frozen; LoRA on the decoder only ------------------------------------------
@@ -178,15 +179,22 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     else:
         model.requires_grad_(False)
         targets = resolve_targets(model, cfg.lora.preset, family.LAYOUT)
-        model = get_peft_model(model, lora_config(targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout))
+        model = get_peft_model(model, lora_config(targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                                                  cfg.lora.use_rslora, cfg.lora.use_dora))
         model.peft_config["default"].base_model_name_or_path = resolved.name
         ledger = parameter_ledger(model, family.LAYOUT)
         say(f"LoRA preset {cfg.lora.preset!r}, r={cfg.lora.r}, alpha={cfg.lora.alpha}\n{format_ledger(ledger)}")
-    if t.gradient_checkpointing:
+    checkpointing = t.gradient_checkpointing
+    if checkpointing is None:  # real checkpoints need it; the builtin tiny models do not
+        checkpointing = not resolved.name.startswith(BUILTIN_PREFIX)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    lm_head = model.get_output_embeddings()  # frozen; the chunked loss runs it outside DDP's forward
+    loss_fn = lambda m, batch: token_loss_sum(m, batch, lm_head, t.loss_chunk_tokens)  # noqa: E731
 
-    sampler = EpochShuffle(len(keep), t.seed)
+    sampler = EpochShuffle(len(keep), t.seed, [lengths[i] for i in keep] if t.group_by_length else None,
+                           t.batch_size * 50)
     loader = torch.utils.data.DataLoader(
         _PageDataset(train_split, keep, builder),
         batch_size=t.batch_size,
@@ -201,30 +209,38 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
     # --- prepare once ----------------------------------------------------------------------
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if cfg.report_to:
-        accelerator.init_trackers("ocrtune", config=to_dict(cfg))
-
     output_dir = Path(cfg.output_dir)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.report_to:
+        # The resolved config and library versions travel with the run; nothing from the
+        # environment does (no token can reach the tracker through here).
+        accelerator.init_trackers("ocrtune", config={**to_dict(cfg), "versions": _versions()},
+                                  init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}})
+
     ckpt_root = output_dir / "checkpoints"
     # What a checkpoint must agree on to be resumed: the same data order and the same update.
     identity = {"seed": t.seed, "model": resolved.name, "data": str(data_path), "train_samples": len(keep),
                 "lora": to_dict(cfg.lora), "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                "processes": accelerator.num_processes, "max_steps": t.max_steps, "lr": t.lr}
+                "processes": accelerator.num_processes, "max_steps": t.max_steps, "lr": t.lr,
+                "group_by_length": t.group_by_length}
     start_step = 0
+    best = {"cer": None, "step": None, "stale": 0}  # best validation CER, and validations since it improved
     if t.resume_from:
         path = latest_complete(ckpt_root) if t.resume_from == "latest" else Path(t.resume_from)
         if path is None:
             say(f"train.resume_from=latest: no complete checkpoint in {ckpt_root}; starting fresh")
         else:
             try:
-                start_step = load_checkpoint(path, model, optimizer, accelerator, identity, t.resume_force)["step"]
+                state = load_checkpoint(path, model, optimizer, accelerator, identity, t.resume_force)
             except CheckpointError as exc:
                 raise TrainError(str(exc)) from None
+            start_step = state["step"]
+            best = state.get("best", best)
             for _ in range(start_step):  # the schedule is a pure function of the step
                 scheduler.step()
             say(f"resumed from {path} at step {start_step}")
     if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.yaml", dump_yaml(cfg))
     metrics_file = output_dir / "metrics.jsonl"
     metrics_fh = None
@@ -236,6 +252,21 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         metrics_fh = open(metrics_file, "w", encoding="utf-8")
         metrics_fh.write("".join(x + "\n" for x in kept_lines))
 
+    unwrapped = accelerator.unwrap_model(model)
+    guard = RepetitionGuard(30, 90, table_tag_ids(processor.tokenizer))  # eval's default decoding
+    meta = {"base_model": resolved.name, "base_model_is_local_path": resolved.is_local_path,
+            "family": family.MODEL_TYPE, "prompt": prompt, "vision": vision.as_dict(), "lora": to_dict(cfg.lora),
+            "dataset": str(data_path)}
+
+    def checkpoint(step: int) -> Path:
+        try:
+            return save_checkpoint(ckpt_root, step, model, optimizer,
+                                   {"step": step, "micro_batches": step * t.grad_accum, "best": best,
+                                    "processes": accelerator.num_processes, "run": identity},
+                                   accelerator, t.save_total_limit)
+        except CheckpointError as exc:
+            raise TrainError(str(exc)) from None
+
     consumed = start_step * t.grad_accum  # micro-batches this process has taken
     batches = _forever(loader, sampler, consumed // len(loader), consumed % len(loader))
     bar = tqdm(total=t.max_steps, initial=start_step, desc="train", disable=not (main and progress))
@@ -243,92 +274,140 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     started = time.perf_counter()
     tokens_seen = 0
     last_loss = float("nan")
-    for step in range(start_step + 1, t.max_steps + 1):
-        window = [next(batches) for _ in range(t.grad_accum)]
-        sample_ids = [i for ids in gather_object([[x for b in window for x in b["ids"]]]) for i in ids]
-        # Loss is normalised by the answer tokens of the whole effective batch (all
-        # micro-batches, all processes), not averaged per micro-batch: long and short
-        # pages weigh per token, as in one big batch.
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-        n_tokens = int(accelerator.gather(torch.tensor([local_tokens], device=accelerator.device)).sum())
-        loss_sum_local = 0.0
-        for batch in window:
-            with accelerator.accumulate(model):
-                loss_sum = token_loss_sum(model, batch)
-                # accelerate divides by grad_accum and DDP averages over processes: undo both.
-                scale = t.grad_accum * accelerator.num_processes / max(n_tokens, 1)
-                accelerator.backward(loss_sum * scale)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum_local += float(loss_sum.detach())
-        scheduler.step()
-        total_loss = float(accelerator.gather(torch.tensor([loss_sum_local], device=accelerator.device)).sum())
-        last_loss = total_loss / max(n_tokens, 1)
-        if not math.isfinite(last_loss):
-            raise TrainError(f"loss became {last_loss} at step {step}; stopping (nothing saved)")
-        tokens_seen += n_tokens
-        elapsed = time.perf_counter() - started
-        record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "target_tokens": n_tokens,
-                  "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed, "sample_ids": sample_ids}
-        if main and (step % t.log_every == 0 or step == t.max_steps):
-            metrics_fh.write(json.dumps(record) + "\n")
-            metrics_fh.flush()
-        if cfg.report_to:
-            accelerator.log({k: v for k, v in record.items() if k not in ("step", "sample_ids")}, step=step)
-        if t.save_steps and step % t.save_steps == 0 and step < t.max_steps:
-            save_checkpoint(ckpt_root, step, model, optimizer, {"step": step, "micro_batches": step * t.grad_accum,
-                            "processes": accelerator.num_processes, "run": identity}, accelerator, t.save_total_limit)
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
+    stopped = "max_steps"
+    step = start_step
+    with StopSignal() as sigterm:
+        for step in range(start_step + 1, t.max_steps + 1):
+            window = [next(batches) for _ in range(t.grad_accum)]
+            sample_ids = [i for ids in gather_object([[x for b in window for x in b["ids"]]]) for i in ids]
+            # Loss is normalised by the answer tokens of the whole effective batch (all
+            # micro-batches, all processes), not averaged per micro-batch: long and short
+            # pages weigh per token, as in one big batch.
+            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+            n_tokens = int(accelerator.gather(torch.tensor([local_tokens], device=accelerator.device)).sum())
+            loss_sum_local = 0.0
+            try:
+                for batch in window:
+                    with accelerator.accumulate(model):
+                        loss_sum = loss_fn(model, batch)
+                        # accelerate divides by grad_accum and DDP averages over processes: undo both.
+                        accelerator.backward(loss_sum * (t.grad_accum * accelerator.num_processes / max(n_tokens, 1)))
+                    loss_sum_local += float(loss_sum.detach())
+            except torch.OutOfMemoryError:
+                raise TrainError(oom_message(str(accelerator.device), t.batch_size, t.grad_accum, checkpointing,
+                                             t.loss_chunk_tokens)) from None
+            # The window's last micro-batch synchronised the gradients; check them before any
+            # update: a non-finite loss must never reach the weights, a checkpoint or best/.
+            total_loss = float(accelerator.gather(torch.tensor([loss_sum_local], device=accelerator.device)).sum())
+            last_loss = total_loss / max(n_tokens, 1)
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
+            if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+                raise TrainError(nonfinite_message(step, last_loss, grad_norm, sample_ids, latest_complete(ckpt_root)))
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            tokens_seen += n_tokens
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "loss": last_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                      "target_tokens": n_tokens, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed,
+                      "sample_ids": sample_ids}
+            if v.every_steps and (step % v.every_steps == 0 or step == t.max_steps):
+                val = validate(model, unwrapped, builder, val_rows, v.batch_size, v.max_new_tokens, guard,
+                               accelerator, loss_fn)
+                record.update(val_loss=val.loss, val_cer=val.cer)
+                if best["cer"] is None or val.cer < best["cer"]:
+                    best = {"cer": val.cer, "step": step, "stale": 0}
+                    if main:
+                        _save_weights(unwrapped, output_dir / "best", full, processor, family.ADAPTER_DISK_RENAMES,
+                                      {**meta, "steps": step, "validation": {"split": v.split, "samples": val.samples,
+                                                                             "cer": val.cer, "loss": val.loss}})
+                else:
+                    best["stale"] += 1
+                say(f"step {step}: validation loss {val.loss:.4f}, CER {val.cer:.2%} "
+                    f"(best {best['cer']:.2%} at step {best['step']})")
+            if main and (step % t.log_every == 0 or step == t.max_steps or "val_cer" in record):
+                metrics_fh.write(json.dumps(record) + "\n")
+                metrics_fh.flush()
+            if cfg.report_to:
+                accelerator.log({k: x for k, x in record.items() if k not in ("step", "sample_ids")}, step=step)
+            saved_now = bool(t.save_steps and step % t.save_steps == 0 and step < t.max_steps)
+            if saved_now:
+                checkpoint(step)
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            # Every process must agree to stop at the same step (a signal reaches them apart).
+            term = sigterm.received
+            if accelerator.num_processes > 1:
+                term = bool(accelerator.gather(torch.tensor([int(term)], device=accelerator.device)).max())
+            if term and step < t.max_steps:
+                path = ckpt_root / f"step-{step:06d}" if saved_now else checkpoint(step)
+                bar.close()
+                if metrics_fh:
+                    metrics_fh.close()
+                raise StopRequested(f"SIGTERM at step {step}: checkpoint {path} written; continue with "
+                                    "train.resume_from=latest")
+            if v.early_stopping_patience and best["stale"] >= v.early_stopping_patience:
+                stopped = "early_stopping"
+                say(f"early stopping at step {step}: no better validation CER in {best['stale']} validations")
+                break
     bar.close()
     if metrics_fh:
         metrics_fh.close()
 
     # --- save: adapter (or whole model) into a staging dir, then renamed into place ---------
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
     saved_dir = output_dir / ("model" if full else "adapter")
     summary = {
         "base_model": resolved.name,
         "family": family.MODEL_TYPE,
-        "steps": t.max_steps,
+        "steps": step,
+        "max_steps": t.max_steps,
+        "stopped": stopped,
         "final_loss": last_loss,
+        "best_validation": {"cer": best["cer"], "step": best["step"], "dir": str(output_dir / "best")}
+        if best["cer"] is not None else None,
         "train_samples": len(keep),
         "dropped_too_long": dropped,
         "processes": accelerator.num_processes,
         "effective_batch": t.batch_size * t.grad_accum * accelerator.num_processes,
+        "gradient_checkpointing": checkpointing,
+        "loss_chunk_tokens": t.loss_chunk_tokens,
         "wall_s": time.perf_counter() - started,
         "ledger": ledger,
         "versions": _versions(),
     }
     if main:
-        staging = Path(tempfile.mkdtemp(prefix=f".{saved_dir.name}.tmp-", dir=output_dir))
-        if full:
-            unwrapped.save_pretrained(str(staging))
-            processor.save_pretrained(str(staging))
-        else:
-            save_adapter(unwrapped, staging, family.ADAPTER_DISK_RENAMES)
-            (staging / "README.md").unlink(missing_ok=True)  # `ocrtune push` writes the real card
-            meta = {
-                "base_model": resolved.name,
-                "base_model_is_local_path": resolved.is_local_path,
-                "family": family.MODEL_TYPE,
-                "prompt": prompt,
-                "vision": vision.as_dict(),
-                "lora": to_dict(cfg.lora),
-                "dataset": str(data_path),
-                "steps": t.max_steps,
-            }
-            (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        replace_dir(staging, saved_dir)
+        _save_weights(unwrapped, saved_dir, full, processor, family.ADAPTER_DISK_RENAMES, {**meta, "steps": step})
         write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         say(f"{'model' if full else 'adapter'} written to {saved_dir}")
     if cfg.report_to:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(output_dir, saved_dir, summary, unwrapped)
+
+
+def _save_weights(unwrapped, target: Path, full: bool, processor, renames, meta: dict) -> None:
+    """The adapter (or, for preset full, the whole model) into a staging dir renamed onto
+    `target`: a crash or a full disk leaves the previous `target` as it was."""
+    import shutil
+
+    from data_prep.atomic import replace_dir
+    from finetune.lora import save_adapter
+    from finetune.runtime import ADAPTER_META
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        if full:
+            unwrapped.save_pretrained(str(staging))
+            processor.save_pretrained(str(staging))
+        else:
+            save_adapter(unwrapped, staging, renames)
+            (staging / "README.md").unlink(missing_ok=True)  # `ocrtune push` writes the real card
+            (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainError(f"could not write {target} ({exc}); the previous {target.name}/ is untouched") from None
+    replace_dir(staging, target)
 
 
 def _versions() -> dict:
@@ -356,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainError, ModelNameError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StopRequested as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return SIGTERM_EXIT
     return 0
 
 
