@@ -114,11 +114,13 @@ def _rename(key: str, renames) -> str:
     return key
 
 
-def save_adapter(peft_model, out_dir, renames) -> None:
-    """PEFT save, then rewrite tensor names into the family's on-disk naming."""
+def save_adapter(peft_model, out_dir, renames, state_dict=None) -> None:
+    """PEFT save, then rewrite tensor names into the family's on-disk naming. `state_dict`:
+    the full model state gathered from sharded processes (FSDP, ZeRO-3), else None."""
     from safetensors.torch import load_file, save_file
 
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False,
+                               state_dict=state_dict)
     path = f"{out_dir}/adapter_model.safetensors"
     tensors = load_file(path)
     save_file({_rename(k, renames): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})

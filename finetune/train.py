@@ -139,6 +139,20 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     set_seed(t.seed)
     main = accelerator.is_main_process
     say = accelerator.print
+    from accelerate.utils import DistributedType
+
+    # Under FSDP and DeepSpeed the weights and optimizer state may be sharded per process.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        gas = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
+        if gas not in (None, "auto", t.grad_accum):
+            raise TrainError(f"train.grad_accum={t.grad_accum} but the DeepSpeed config says "
+                             f"gradient_accumulation_steps={gas}: make them equal")
+    if sharded and (t.save_steps or t.resume_from):
+        raise TrainError(f"train.save_steps / train.resume_from: checkpoints under {accelerator.distributed_type.value} "
+                         "are not supported yet (the optimizer state is sharded per process); train with DDP "
+                         "(configs/accelerate/multi_gpu.yaml: LoRA on the 3B decoder fits 24 GB GPUs) or set "
+                         "train.save_steps=0")
 
     # --- Data ------------------------------------------------------------------------------
     data_path = Path(cfg.data.path)
@@ -300,8 +314,9 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             # update: a non-finite loss must never reach the weights, a checkpoint or best/.
             total_loss = float(accelerator.gather(torch.tensor([loss_sum_local], device=accelerator.device)).sum())
             last_loss = total_loss / max(n_tokens, 1)
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
-            if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+            norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+            grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
+            if not math.isfinite(last_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
                 raise TrainError(nonfinite_message(step, last_loss, grad_norm, sample_ids, latest_complete(ckpt_root)))
             optimizer.step()
             optimizer.zero_grad()
@@ -356,6 +371,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
     # --- save: adapter (or whole model) into a staging dir, then renamed into place ---------
     accelerator.wait_for_everyone()
+    # Sharded topologies gather the full weights (a collective: every process calls it).
+    gathered = accelerator.get_state_dict(model) if sharded else None
     saved_dir = output_dir / ("model" if full else "adapter")
     summary = {
         "base_model": resolved.name,
@@ -377,7 +394,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         "versions": _versions(),
     }
     if main:
-        _save_weights(unwrapped, saved_dir, full, processor, family.ADAPTER_DISK_RENAMES, {**meta, "steps": step})
+        _save_weights(unwrapped, saved_dir, full, processor, family.ADAPTER_DISK_RENAMES, {**meta, "steps": step},
+                      gathered)
         write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         say(f"{'model' if full else 'adapter'} written to {saved_dir}")
     if cfg.report_to:
@@ -386,7 +404,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     return TrainResult(output_dir, saved_dir, summary, unwrapped)
 
 
-def _save_weights(unwrapped, target: Path, full: bool, processor, renames, meta: dict) -> None:
+def _save_weights(unwrapped, target: Path, full: bool, processor, renames, meta: dict, state_dict=None) -> None:
     """The adapter (or, for preset full, the whole model) into a staging dir renamed onto
     `target`: a crash or a full disk leaves the previous `target` as it was."""
     import shutil
@@ -398,10 +416,10 @@ def _save_weights(unwrapped, target: Path, full: bool, processor, renames, meta:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         if full:
-            unwrapped.save_pretrained(str(staging))
+            unwrapped.save_pretrained(str(staging), state_dict=state_dict)
             processor.save_pretrained(str(staging))
         else:
-            save_adapter(unwrapped, staging, renames)
+            save_adapter(unwrapped, staging, renames, state_dict)
             (staging / "README.md").unlink(missing_ok=True)  # `ocrtune push` writes the real card
             (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     except Exception as exc:

@@ -22,3 +22,14 @@ def test_data_build_benchmark_runs(tmp_path):
     assert result["pages"] == 12 and [r["workers"] for r in result["runs"]] == [1, 2]
     assert all(r["accepted"] == 12 and len(r["rss_mb_peak_by_quarter"]) == 4 for r in result["runs"])
     assert result["speedup"] > 0
+
+
+def test_train_memory_benchmark_runs_every_setting_with_the_same_loss():
+    spec = importlib.util.spec_from_file_location("train_memory", REPO / "benchmarks" / "train_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--batch-size", "2", "--steps", "2", "--target-chars", "120"])
+    assert [(r["gradient_checkpointing"], r["loss_chunk_tokens"]) for r in rows] == module.SETTINGS
+    first = rows[0]["first_loss"]
+    assert all(abs(r["first_loss"] - first) < 1e-4 for r in rows)  # memory knobs, not different numbers
+    assert all(r["samples_per_s"] > 0 and r["answer_tokens"] > 60 for r in rows)

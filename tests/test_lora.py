@@ -56,3 +56,29 @@ def test_resolver_never_touches_vision_encoder_twins(tiny):
 def test_unknown_preset_is_an_error(tiny):
     with pytest.raises(ValueError, match="lora.preset 'everything'"):
         resolve_targets(tiny[1], "everything", LAYOUT)
+
+
+def test_dora_adds_one_magnitude_per_output_feature_and_rslora_scales_by_sqrt_r():
+    """DoRA on attention: + one magnitude per output feature of q,k,v,o (4 x 32 x 2 layers);
+    rsLoRA: scale alpha / sqrt(r) = 16 / sqrt(8) instead of alpha / r = 2."""
+    _, model, _ = load_model(TINY)
+    model.requires_grad_(False)
+    targets = resolve_targets(model, "attention", LAYOUT)
+    dora = get_peft_model(model, lora_config(targets, r=8, alpha=16, dropout=0.0, use_dora=True))
+    ledger = parameter_ledger(dora, LAYOUT)
+    assert ledger["attention"]["trainable"] == 4096 + 4 * 32 * 2
+    assert ledger["total"]["trainable"] == 4096 + 256
+
+    _, model, _ = load_model(TINY)
+    model.requires_grad_(False)
+    rs = get_peft_model(model, lora_config(targets, r=8, alpha=16, dropout=0.0, use_rslora=True))
+    q = rs.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(16 / 8 ** 0.5)
+    assert parameter_ledger(rs, LAYOUT)["total"]["trainable"] == 4096
+
+
+def test_dora_with_routed_experts_is_refused_by_the_config(tmp_path):
+    from finetune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="lora.use_dora: not available with lora.preset 'all'"):
+        load_config(None, ["model.name=x", "data.path=y", "lora.preset=all", "lora.use_dora=true"])

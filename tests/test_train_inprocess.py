@@ -52,3 +52,25 @@ def test_unknown_preset_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="lora.preset 'everything': choose one of attention, attention\\+mlp, all, full"):
         load_config(REPO / "configs/runs/tiny_smoke.yaml", ["data.path=x", "lora.preset=everything"])
+
+
+def test_length_grouped_order_is_a_seeded_permutation_sorted_within_windows():
+    from finetune.train import EpochShuffle
+
+    lengths = [(i * 37) % 23 for i in range(100)]
+    plain = EpochShuffle(100, seed=3)
+    grouped = EpochShuffle(100, seed=3, lengths=lengths, window=20)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        grouped.set_epoch(epoch)
+        a, b = list(plain), list(grouped)
+        assert sorted(b) == list(range(100))
+        for w in range(0, 100, 20):  # same samples per window as the shuffle, longest first
+            assert sorted(a[w:w + 20]) == sorted(b[w:w + 20])
+            assert [lengths[i] for i in b[w:w + 20]] == sorted((lengths[i] for i in b[w:w + 20]), reverse=True)
+    grouped.set_epoch(0)
+    first = list(grouped)
+    grouped.set_epoch(1)
+    assert list(grouped) != first  # a new order every epoch
+    grouped.set_epoch(0)
+    assert list(grouped) == first  # and the same order again for the same (seed, epoch): exact resume
