@@ -78,8 +78,18 @@ def _endpoints(args) -> list[tuple[str, str]]:
 
 
 def _eval(args) -> int:
-    from finetune.evaluate import evaluate
+    from finetune.evaluate import evaluate, sweep_modes
 
+    if args.modes:
+        rows = sweep_modes([m.strip() for m in args.modes.split(",") if m.strip()], args.output,
+                           model_name=args.model, data=args.data, adapter=args.adapter, split=args.split,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+                           limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
+                           progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
+                           no_repeat_window=args.no_repeat_window, restart=args.restart)
+        if rows:
+            print((Path(args.output) / "modes.md").read_text())
+        return 0
     report = evaluate(args.model, args.data, args.output, adapter=args.adapter, split=args.split,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                       limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
@@ -222,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--endpoint-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     e.add_argument("--endpoint-concurrency", type=int, default=4, help="requests in flight per endpoint")
     e.add_argument("--restart", action="store_true", help="discard an interrupted eval in --output instead of resuming it")
+    e.add_argument("--modes", help="comma-separated resolution modes to sweep (DeepSeek-OCR-2: base,gundam): one eval "
+                                   "per mode in OUTPUT/mode-NAME/, vision tokens vs CER in OUTPUT/modes.md")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 

@@ -115,6 +115,7 @@ def evaluate(
     endpoints: list[tuple[str, str]] = (),
     endpoint_key_env: str = "OPENAI_API_KEY",
     endpoint_concurrency: int = 4,
+    mode: str | None = None,
 ) -> dict:
     """`endpoints`: (base URL, model name) pairs of OpenAI-compatible servers evaluated as
     systems `endpoint:NAME` on the same pages with the same prompt and max tokens."""
@@ -156,6 +157,11 @@ def evaluate(
     except ValueError as exc:
         raise EvalError(str(exc)) from None
     model, prompt, vision, guard = inf.model, inf.prompt, inf.vision, inf.guard
+    if mode is not None:  # a resolution mode overrides the adapter's vision settings
+        try:
+            vision = inf.family.mode_vision(inf.processor, mode)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
     builder = builder_for(inf.family, inf.processor, model.config, prompt, vision)
     systems = ["base"] + (["adapted"] if adapter is not None else [])
     endpoint_of = {f"endpoint:{name}": (url, name) for url, name in endpoints}
@@ -224,6 +230,9 @@ def evaluate(
         "split": split,
         "prompt": prompt,
         "vision": vision.as_dict(),
+        "mode": mode,
+        "vision_tokens_per_page": sum(inf.family.encode_image(inf.processor, pages[i][1], vision)[1]
+                                      for i in range(len(ids))) / len(ids),
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "repetition_guard": guard.describe(), "sorted_by": "reference token count"},
         "processes": dist.num_processes,
@@ -245,3 +254,29 @@ def evaluate(
     for file in _journals(output):  # the report now holds everything the journals did
         file.unlink()
     return report
+
+
+def sweep_modes(modes: list[str], output: str | Path, **kwargs) -> list[dict]:
+    """`ocrtune eval --modes base,gundam`: the same eval once per resolution mode into
+    OUTPUT/mode-NAME/, then OUTPUT/modes.json and modes.md: vision tokens per page against
+    CER per system (the compression trade-off on the user's own pages)."""
+    from data_prep.atomic import write_text_atomic
+
+    output = Path(output)
+    rows = []
+    for mode in modes:
+        report = evaluate(output=output / f"mode-{mode}", mode=mode, **kwargs)
+        if not report:
+            continue  # not the main process
+        rows.append({"mode": mode, "vision_tokens_per_page": report["vision_tokens_per_page"],
+                     "cer": {s: m["cer"] for s, m in report["systems"].items()}})
+    if rows:
+        systems = list(rows[0]["cer"])
+        lines = ["| mode | vision tokens / page | " + " | ".join(f"CER {s}" for s in systems) + " |",
+                 "| --- | --- | " + " | ".join("---" for _ in systems) + " |"]
+        for r in rows:
+            lines.append(f"| {r['mode']} | {r['vision_tokens_per_page']:.1f} | "
+                         + " | ".join(f"{100 * r['cer'][s]:.2f}%" for s in systems) + " |")
+        write_text_atomic(output / "modes.json", json.dumps(rows, indent=2) + "\n")
+        write_text_atomic(output / "modes.md", "\n".join(lines) + "\n")
+    return rows

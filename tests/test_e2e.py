@@ -228,3 +228,26 @@ def test_eval_sharded_over_two_processes_matches_one(tmp_path, loop):
     assert json.loads((tmp_path / "two/report.json").read_text())["processes"] == 2
     one = loop["work"] / "run/eval"  # the single-process eval of the same adapter, settings and pages
     assert (tmp_path / "two/predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+
+
+def test_modes_sweep_reports_vision_tokens_against_cer(tmp_path, loop):
+    """`--modes base,gundam`: one eval per mode; the global view alone costs 145 placeholder
+    ids on the tiny model (12 x 12 + separator), tiles add 144 each (wide line images tile)."""
+    out = tmp_path / "modes"
+    done = run_cli("eval", "--model", TINY, "--adapter", str(loop["work"] / "run/adapter"), "--data",
+                   str(loop["work"] / "data"), "--limit", "3", "--max-new-tokens", "8", "--bootstrap-resamples", "200",
+                   "--modes", "base,gundam", "--output", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "modes.json").read_text())
+    assert [r["mode"] for r in rows] == ["base", "gundam"]
+    assert rows[0]["vision_tokens_per_page"] == 145
+    assert rows[1]["vision_tokens_per_page"] > 145 and (rows[1]["vision_tokens_per_page"] - 145) % 144 == 0
+    for r in rows:
+        report = json.loads((out / f"mode-{r['mode']}" / "report.json").read_text())
+        assert report["mode"] == r["mode"] and set(r["cer"]) == {"base", "adapted"}
+        assert report["systems"]["adapted"]["cer"] == r["cer"]["adapted"]
+    assert json.loads((out / "mode-base" / "report.json").read_text())["vision"]["crop_to_patches"] is False
+    assert "| base | 145.0 |" in (out / "modes.md").read_text()
+    bad = run_cli("eval", "--model", TINY, "--data", str(loop["work"] / "data"), "--modes", "tiny",
+                  "--output", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "DeepSeek-OCR-2 has modes base, gundam" in bad.stderr

@@ -69,6 +69,24 @@ def default_vision(processor) -> VisionSettings:
     return VisionSettings(bool(ip.crop_to_patches), int(ip.min_patches), int(ip.max_patches))
 
 
+# Resolution modes this family has. OCR-2's encoder carries query tables for a 1024 global
+# view and 768 tiles only, so of DeepSeek-OCR's five modes two exist here: "base" (the
+# global view alone: 256 image tokens on the real model) and "gundam" (global view + tiles
+# by aspect ratio, 144 tokens per tile; the checkpoint's default). tiny/small/large are
+# DeepSeek-OCR (v1) modes.
+MODES = ("base", "gundam")
+
+
+def mode_vision(processor, mode: str) -> VisionSettings:
+    if mode not in MODES:
+        raise ValueError(f"--modes {mode!r}: DeepSeek-OCR-2 has modes {', '.join(MODES)} "
+                         "(tiny, small and large are DeepSeek-OCR v1 modes)")
+    base = default_vision(processor)
+    if mode == "base":
+        return VisionSettings(False, base.min_tiles, base.max_tiles)
+    return VisionSettings(True, base.min_tiles, base.max_tiles)
+
+
 def load(path: str | Path, dtype=None, device=None):
     from transformers import AutoProcessor, DeepseekOcr2ForConditionalGeneration
 
