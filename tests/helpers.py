@@ -70,3 +70,20 @@ def wandb_history(path: Path) -> list[dict]:
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def train_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def train_args(data, out, steps: int, *extra) -> list[str]:
+    """`python -m finetune.train` on the tiny smoke config with checkpoints every 4 steps
+    (batch 2 x accumulation 2): the run the resume and fault tests interrupt."""
+    return [sys.executable, "-m", "finetune.train", str(REPO / "configs/runs/tiny_smoke.yaml"), f"data.path={data}",
+            f"output_dir={out}", f"train.max_steps={steps}", "train.batch_size=2", "train.grad_accum=2",
+            "train.save_steps=4", "train.save_total_limit=2", "--no-progress", *extra]
+
+
+def step_sample_ids(out: Path) -> list[list[str]]:
+    """Each logged step's sample ids, from OUTPUT_DIR/metrics.jsonl."""
+    return [r["sample_ids"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())]

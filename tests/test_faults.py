@@ -4,12 +4,10 @@ resumes to exactly the uninterrupted result, and never a broken checkpoint or be
 import hashlib
 import json
 import math
-import os
 import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,27 +16,20 @@ from safetensors.torch import load_file
 
 from finetune.checkpoint import MARKER, step_dirs
 from finetune.faults import SIGTERM_EXIT
-from tests.helpers import REPO, TINY
+from tests.helpers import REPO, TINY, step_sample_ids, train_args, train_env
 
 STEPS = 16
 
 
 def _args(data, out, *extra):
-    return [sys.executable, "-m", "finetune.train", str(REPO / "configs/runs/tiny_smoke.yaml"), f"data.path={data}",
-            f"output_dir={out}", f"train.max_steps={STEPS}", "train.batch_size=2", "train.grad_accum=2",
-            "train.save_steps=4", "train.save_total_limit=2", "--no-progress", *extra]
+    return train_args(data, out, STEPS, *extra)
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+_env, _ids = train_env, step_sample_ids
 
 
 def _run(args, **kw):
     return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, **kw)
-
-
-def _ids(out):
-    return [r["sample_ids"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
 def _same_adapter(a_dir, b_dir):

@@ -14,23 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.checkpoint import MARKER, step_dirs
-from tests.helpers import REPO
+from tests.helpers import REPO, step_sample_ids, train_args, train_env
 
 STEPS = 24
 
 
 def _args(data, out, *extra):
-    return [sys.executable, "-m", "finetune.train", str(REPO / "configs/runs/tiny_smoke.yaml"), f"data.path={data}",
-            f"output_dir={out}", f"train.max_steps={STEPS}", "train.batch_size=2", "train.grad_accum=2",
-            "train.save_steps=4", "train.save_total_limit=2", "--no-progress", *extra]
+    return train_args(data, out, STEPS, *extra)
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-
-
-def _ids(out):
-    return [r["sample_ids"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+_env, _ids = train_env, step_sample_ids
 
 
 def test_sigkill_then_resume_is_bit_identical(tiny_dataset, tmp_path):
