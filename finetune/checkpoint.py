@@ -38,11 +38,17 @@ def latest_complete(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+def _synced(path: Path, write) -> None:
+    """Open `path`, let `write(fh)` fill it, fsync. Through a Python file object so a full
+    disk surfaces as OSError (ENOSPC), not as an opaque error from a C++ writer."""
+    with open(path, "wb") as fh:
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    _synced(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _rng_state() -> dict:
@@ -63,15 +69,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_torch(obj, path: Path) -> None:
-    # Through a Python file object so a full disk surfaces as OSError (ENOSPC), not as an
-    # opaque error from torch's C++ writer.
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accelerator, keep: int) -> Path:
@@ -95,16 +92,13 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accele
     accelerator.wait_for_everyone()
     if not error:
         try:
-            _save_torch(_rng_state(), target / f"rng-rank{accelerator.process_index}.pt")
+            _synced(target / f"rng-rank{accelerator.process_index}.pt", lambda fh: torch.save(_rng_state(), fh))
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(model)
                 tensors = {n: p.detach().to("cpu").contiguous() for n, p in unwrapped.named_parameters()
                            if p.requires_grad}
-                with open(target / "trainable.safetensors", "wb") as fh:
-                    fh.write(safetensors_bytes(tensors))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                _save_torch(optimizer.state_dict(), target / "optimizer.pt")
+                _synced(target / "trainable.safetensors", lambda fh: fh.write(safetensors_bytes(tensors)))
+                _synced(target / "optimizer.pt", lambda fh: torch.save(optimizer.state_dict(), fh))
                 _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
         except (OSError, RuntimeError) as exc:
             error = f"process {accelerator.process_index}: {exc}"

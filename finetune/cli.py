@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
+
 
 # Which `data build` flags belong to which source (passed to that adapter as keyword arguments).
 SOURCE_FLAGS = {
@@ -80,23 +82,20 @@ def _endpoints(args) -> list[tuple[str, str]]:
 def _eval(args) -> int:
     from finetune.evaluate import evaluate, sweep_modes
 
+    common = dict(model_name=args.model, data=args.data, adapter=args.adapter, split=args.split,
+                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+                  limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
+                  progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
+                  no_repeat_window=args.no_repeat_window, restart=args.restart)
     if args.modes:
-        rows = sweep_modes([m.strip() for m in args.modes.split(",") if m.strip()], args.output,
-                           model_name=args.model, data=args.data, adapter=args.adapter, split=args.split,
-                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
-                           limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
-                           progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
-                           no_repeat_window=args.no_repeat_window, restart=args.restart)
+        if args.endpoint:  # an endpoint's resolution is its server's, not a mode we can set
+            raise ValueError("--modes sweeps the local model's resolution; evaluate --endpoint without --modes")
+        rows = sweep_modes([m.strip() for m in args.modes.split(",") if m.strip()], args.output, **common)
         if rows:
             print((Path(args.output) / "modes.md").read_text())
         return 0
-    report = evaluate(args.model, args.data, args.output, adapter=args.adapter, split=args.split,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
-                      limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
-                      progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
-                      no_repeat_window=args.no_repeat_window, restart=args.restart,
-                      endpoints=_endpoints(args), endpoint_key_env=args.endpoint_key_env,
-                      endpoint_concurrency=args.endpoint_concurrency)
+    report = evaluate(output=args.output, endpoints=_endpoints(args), endpoint_key_env=args.endpoint_key_env,
+                      endpoint_concurrency=args.endpoint_concurrency, **common)
     if report:  # only the main process of a multi-process eval writes and prints the report
         print((Path(args.output) / "report.md").read_text())
     return 0
@@ -157,6 +156,14 @@ def _push(args) -> int:
     url = upload(files, args.repo_id, private=args.private)
     print(f"pushed {len(files)} files to {args.repo_id}: {url}")
     return 0
+
+
+def _add_guard_flags(parser) -> None:
+    """The repetition guard's flags, the same for eval, predict and serve."""
+    parser.add_argument("--no-repeat-ngram", type=int, default=NO_REPEAT_NGRAM,
+                        help="ban repeating an n-gram of this size (official DeepSeek-OCR setting; 0 = off)")
+    parser.add_argument("--no-repeat-window", type=int, default=NO_REPEAT_WINDOW,
+                        help="... within this many generated tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N pages")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--bootstrap-resamples", type=int, default=10_000)
-    e.add_argument("--no-repeat-ngram", type=int, default=30,
-                   help="ban repeating an n-gram of this size (official DeepSeek-OCR setting; 0 = off)")
-    e.add_argument("--no-repeat-window", type=int, default=90, help="... within this many generated tokens")
+    _add_guard_flags(e)
     e.add_argument("--endpoint", action="append", metavar="URL",
                    help="an OpenAI-compatible base URL (…/v1) evaluated as one more system; repeatable")
     e.add_argument("--endpoint-model", action="append", metavar="NAME", help="model name for each --endpoint")
@@ -256,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dpi", type=int, default=144, help="PDF page rendering resolution")
     pr.add_argument("--strip-grounding", action="store_true", help="drop <|det|> boxes and <|ref|> tags, keep the text")
     pr.add_argument("--dtype", default="auto")
-    pr.add_argument("--no-repeat-ngram", type=int, default=30)
-    pr.add_argument("--no-repeat-window", type=int, default=90)
+    _add_guard_flags(pr)
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_predict)
 
@@ -275,8 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
     sv.add_argument("--batch-wait-ms", type=int, default=20, help="how long to wait for more requests to batch")
     sv.add_argument("--dtype", default="auto")
-    sv.add_argument("--no-repeat-ngram", type=int, default=30)
-    sv.add_argument("--no-repeat-window", type=int, default=90)
+    _add_guard_flags(sv)
     sv.set_defaults(func=_serve)
 
     p = sub.add_parser("push", help="publish an adapter and its model card to the Hugging Face Hub")

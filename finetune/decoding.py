@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 TABLE_TAGS = ("<td>", "</td>")
+# The official settings; every decoding path (and every CLI flag) defaults to these.
+NO_REPEAT_NGRAM = 30
+NO_REPEAT_WINDOW = 90
 
 
 @dataclass(frozen=True)
 class RepetitionGuard:
-    ngram_size: int = 30  # an n-gram may not occur twice ...
-    window: int = 90  # ... within this many generated tokens (0 or ngram_size 0 = off)
+    ngram_size: int = NO_REPEAT_NGRAM  # an n-gram may not occur twice ...
+    window: int = NO_REPEAT_WINDOW  # ... within this many generated tokens (0 or ngram_size 0 = off)
     whitelist: tuple[int, ...] = ()  # token ids never banned (table cell tags)
 
     @property

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
+
 JOURNAL = "eval_progress.jsonl"
 
 
@@ -109,8 +111,8 @@ def evaluate(
     dtype: str = "auto",
     bootstrap_resamples: int = 10_000,
     progress: bool = True,
-    no_repeat_ngram: int = 30,
-    no_repeat_window: int = 90,
+    no_repeat_ngram: int = NO_REPEAT_NGRAM,
+    no_repeat_window: int = NO_REPEAT_WINDOW,
     restart: bool = False,
     endpoints: list[tuple[str, str]] = (),
     endpoint_key_env: str = "OPENAI_API_KEY",

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from data_prep.images import IMAGE_EXTENSIONS, DEFAULT_MAX_PIXELS, ImageError, open_image
+from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
 
 _DET = re.compile(r"<\|det\|>.*?<\|/det\|>", re.S)
 _REF = re.compile(r"<\|/?ref\|>")
@@ -72,7 +73,7 @@ def _pages(file: Path, dpi: int, max_pixels: int):
 
 def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapter: str | Path | None = None,
             prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = 2048, dpi: int = 144,
-            keep_grounding: bool = True, dtype: str = "auto", no_repeat_ngram: int = 30, no_repeat_window: int = 90,
+            keep_grounding: bool = True, dtype: str = "auto", no_repeat_ngram: int = NO_REPEAT_NGRAM, no_repeat_window: int = NO_REPEAT_WINDOW,
             max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
+
 
 class RequestError(ValueError):
     def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
@@ -258,7 +260,7 @@ def make_handler(engine: Engine, image_root: Path, max_pixels: int):
 
 
 def build_engine(model_name: str, adapter: str | Path | None = None, prompt: str | None = None, dtype: str = "auto",
-                 no_repeat_ngram: int = 30, no_repeat_window: int = 90, max_batch: int = 8,
+                 no_repeat_ngram: int = NO_REPEAT_NGRAM, no_repeat_window: int = NO_REPEAT_WINDOW, max_batch: int = 8,
                  batch_wait_ms: int = 20, served_name: str | None = None) -> Engine:
     from finetune.runtime import load_for_inference
 

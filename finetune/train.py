@@ -14,6 +14,7 @@ every weight trains and OUTPUT_DIR/model/ is a whole checkpoint instead of adapt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from finetune.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
@@ -103,7 +103,7 @@ def _forever(loader, sampler, start_epoch: int = 0, skip: int = 0):
 
 def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
     from datasets import load_from_disk
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -139,8 +139,6 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     set_seed(t.seed)
     main = accelerator.is_main_process
     say = accelerator.print
-    from accelerate.utils import DistributedType
-
     # Under FSDP and DeepSpeed the weights and optimizer state may be sharded per process.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -267,7 +265,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         metrics_fh.write("".join(x + "\n" for x in kept_lines))
 
     unwrapped = accelerator.unwrap_model(model)
-    guard = RepetitionGuard(30, 90, table_tag_ids(processor.tokenizer))  # eval's default decoding
+    guard = RepetitionGuard(whitelist=table_tag_ids(processor.tokenizer))  # eval's default decoding
     meta = {"base_model": resolved.name, "base_model_is_local_path": resolved.is_local_path,
             "family": family.MODEL_TYPE, "prompt": prompt, "vision": vision.as_dict(), "lora": to_dict(cfg.lora),
             "dataset": str(data_path)}
@@ -290,7 +288,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     last_loss = float("nan")
     stopped = "max_steps"
     step = start_step
-    with StopSignal() as sigterm:
+    with StopSignal() as sigterm, bar, metrics_fh or contextlib.nullcontext():
         for step in range(start_step + 1, t.max_steps + 1):
             window = [next(batches) for _ in range(t.grad_accum)]
             sample_ids = [i for ids in gather_object([[x for b in window for x in b["ids"]]]) for i in ids]
@@ -356,18 +354,12 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
                 term = bool(accelerator.gather(torch.tensor([int(term)], device=accelerator.device)).max())
             if term and step < t.max_steps:
                 path = ckpt_root / f"step-{step:06d}" if saved_now else checkpoint(step)
-                bar.close()
-                if metrics_fh:
-                    metrics_fh.close()
                 raise StopRequested(f"SIGTERM at step {step}: checkpoint {path} written; continue with "
                                     "train.resume_from=latest")
             if v.early_stopping_patience and best["stale"] >= v.early_stopping_patience:
                 stopped = "early_stopping"
                 say(f"early stopping at step {step}: no better validation CER in {best['stale']} validations")
                 break
-    bar.close()
-    if metrics_fh:
-        metrics_fh.close()
 
     # --- save: adapter (or whole model) into a staging dir, then renamed into place ---------
     accelerator.wait_for_everyone()

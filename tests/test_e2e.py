@@ -251,3 +251,7 @@ def test_modes_sweep_reports_vision_tokens_against_cer(tmp_path, loop):
     bad = run_cli("eval", "--model", TINY, "--data", str(loop["work"] / "data"), "--modes", "tiny",
                   "--output", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "DeepSeek-OCR-2 has modes base, gundam" in bad.stderr
+    mixed = run_cli("eval", "--model", TINY, "--data", str(loop["work"] / "data"), "--modes", "base",
+                    "--endpoint", "http://127.0.0.1:9/v1", "--endpoint-model", "x", "--output", str(tmp_path / "mixed"))
+    assert mixed.returncode == 2 and "evaluate --endpoint without --modes" in mixed.stderr
+    assert not (tmp_path / "mixed").exists()
