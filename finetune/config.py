@@ -46,6 +46,10 @@ class VisionConfig:
     crop_to_patches: bool | None = None
     min_tiles: int | None = None
     max_tiles: int | None = None
+    # None = the checkpoint's default. DeepSeek-OCR (v1): tiny (64 tokens), small (100),
+    # base (256), large (400) or gundam (256 + 100 per tile; the official default): more
+    # tokens read small print better and cost sequence length. OCR-2: base or gundam.
+    mode: str | None = None
 
 
 @dataclass
@@ -68,6 +72,12 @@ class LoraSettings:
     # to full fine-tuning at low r, ~20-40% slower steps. Not for preset "all" (PEFT has no
     # DoRA for the fused expert parameters).
     use_dora: bool = False
+    # Also train the vision->text projector in full (saved inside the adapter). Off in every
+    # public recipe; helps when the domain's images look unlike anything pretrained on.
+    train_projector: bool = False
+    # Also put LoRA (same r) on the vision encoder's attention and MLP. More capacity for
+    # unusual scripts or scans; more memory (activations through the encoder are kept).
+    vision_lora: bool = False
 
 
 @dataclass
@@ -245,6 +255,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if cfg.lora.use_dora and cfg.lora.preset in ("all", "full"):
         raise ConfigError(f"{where}lora.use_dora: not available with lora.preset {cfg.lora.preset!r} "
                           "(PEFT has no DoRA for fused expert parameters); use attention or attention+mlp")
+    for knob in ("train_projector", "vision_lora"):
+        if getattr(cfg.lora, knob) and cfg.lora.preset == "full":
+            raise ConfigError(f"{where}lora.{knob}: lora.preset 'full' already trains every weight")
     for i, name in enumerate(cfg.report_to):
         if name not in ("wandb",):
             raise ConfigError(f"{where}report_to[{i}] {name!r}: supported trackers are: wandb")

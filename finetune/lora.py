@@ -26,19 +26,27 @@ class LoraTargets:
     n_modules: int
 
 
-def resolve_targets(model: nn.Module, preset: str, layout) -> LoraTargets:
+def resolve_targets(model: nn.Module, preset: str, layout, vision_lora: bool = False) -> LoraTargets:
+    """`vision_lora`: also adapt the vision encoder's attention and MLP (the family's
+    `layout.vision_lora` paths); off by default, as in every public recipe."""
     if preset not in PRESETS:
         raise ValueError(f"lora.preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    leaves = list(layout.attention)
+    leaves = [re.escape(leaf) for leaf in layout.attention]
     if preset in ("attention+mlp", "all"):
-        leaves += list(layout.dense_mlp) + list(layout.shared_experts)
-    prefix = re.escape(layout.decoder_layers) + r"\.\d+\."
-    pattern = prefix + "(" + "|".join(re.escape(leaf) for leaf in leaves) + ")"
+        leaves += [re.escape(leaf) for leaf in layout.dense_mlp + layout.shared_experts]
+    if preset == "all" and layout.routed_expert_modules:
+        leaves.append(layout.routed_expert_modules)  # v1: one Linear per routed expert
+    pattern = re.escape(layout.decoder_layers) + r"\.\d+\.(" + "|".join(leaves) + ")"
     matched = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
     if not matched:
         raise ValueError(f"LoRA preset {preset!r} matched no decoder module (pattern {pattern})")
+    if vision_lora:
+        if not layout.vision_lora:
+            raise ValueError("lora.vision_lora: this model family has no vision LoRA targets")
+        pattern = f"({pattern})|({layout.vision_lora})"
+        matched = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
     params: list[str] = []
-    if preset == "all":
+    if preset == "all" and layout.routed_expert_params:
         suffixes = tuple("." + p for p in layout.routed_expert_params)
         params = [n for n, _ in model.named_parameters() if n.startswith(layout.decoder_layers + ".") and n.endswith(suffixes)]
         if not params:
@@ -47,7 +55,7 @@ def resolve_targets(model: nn.Module, preset: str, layout) -> LoraTargets:
 
 
 def lora_config(targets: LoraTargets, r: int, alpha: int, dropout: float, use_rslora: bool = False,
-                use_dora: bool = False):
+                use_dora: bool = False, modules_to_save: list[str] | None = None):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -58,6 +66,7 @@ def lora_config(targets: LoraTargets, r: int, alpha: int, dropout: float, use_rs
         use_dora=use_dora,
         target_modules=targets.target_modules,
         target_parameters=targets.target_parameters or None,
+        modules_to_save=modules_to_save or None,  # trained in full and saved with the adapter
         bias="none",
     )
 
@@ -144,8 +153,9 @@ def load_adapter(model, adapter_dir, adapter_name: str, renames):
     for key, tensor in on_disk.items():
         native = _rename(key, inverse)
         stem, _, leaf = native.rpartition(".")
-        name = f"{stem}.{adapter_name}.{leaf}"
-        loaded = params.get(name)
+        # LoRA tensors sit under the adapter's name; modules trained in full (train_projector)
+        # under modules_to_save.<name>.
+        loaded = params.get(f"{stem}.{adapter_name}.{leaf}", params.get(f"{stem}.modules_to_save.{adapter_name}.{leaf}"))
         if loaded is None or loaded.shape != tensor.shape or not torch.equal(loaded.detach().cpu().to(tensor.dtype), tensor):
             bad.append(key)
     if bad:

@@ -22,14 +22,14 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     return table[name]
 
 
-def resolve_vision(family, processor, crop_to_patches=None, min_tiles=None, max_tiles=None):
-    """Explicit settings over the checkpoint's own."""
-    base = family.default_vision(processor)
-    return type(base)(
-        crop_to_patches=base.crop_to_patches if crop_to_patches is None else crop_to_patches,
-        min_tiles=base.min_tiles if min_tiles is None else min_tiles,
-        max_tiles=base.max_tiles if max_tiles is None else max_tiles,
-    )
+def resolve_vision(family, processor, crop_to_patches=None, min_tiles=None, max_tiles=None, mode=None):
+    """Explicit settings over the checkpoint's own; `mode` (a family's resolution mode, e.g.
+    DeepSeek-OCR's tiny/small/base/large/gundam) first, then the individual knobs."""
+    import dataclasses
+
+    base = family.mode_vision(processor, mode) if mode else family.default_vision(processor)
+    changes = {"crop_to_patches": crop_to_patches, "min_tiles": min_tiles, "max_tiles": max_tiles}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 def choose_prompt(explicit: str | None, adapter_meta: dict | None, dataset_info: dict) -> str:
@@ -87,7 +87,7 @@ def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str 
     model.eval()
     saved = meta.get("vision", {})
     vision = resolve_vision(resolved.family, processor, saved.get("crop_to_patches"), saved.get("min_tiles"),
-                            saved.get("max_tiles"))
+                            saved.get("max_tiles"), saved.get("mode"))
     guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
     return Inference(resolved.name, model, processor, resolved.family, vision, guard,
                      choose_prompt(prompt, meta, dataset_info or {}))

@@ -172,7 +172,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     # --- Model, frozen; LoRA on the decoder only ------------------------------------------
     resolved, model, processor = load_model(cfg.model.name, dtype=resolve_dtype(cfg.model.dtype, on_gpu))
     family = resolved.family
-    vision = resolve_vision(family, processor, cfg.vision.crop_to_patches, cfg.vision.min_tiles, cfg.vision.max_tiles)
+    vision = resolve_vision(family, processor, cfg.vision.crop_to_patches, cfg.vision.min_tiles, cfg.vision.max_tiles,
+                            cfg.vision.mode)
     builder = builder_for(family, processor, model.config, prompt, vision)
 
     lengths = [builder.count_target_tokens(text) for text in list(train_split["markdown"])]
@@ -190,9 +191,10 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         say(f"full-parameter training (lora.preset {FULL!r})\n{format_ledger(ledger)}")
     else:
         model.requires_grad_(False)
-        targets = resolve_targets(model, cfg.lora.preset, family.LAYOUT)
+        targets = resolve_targets(model, cfg.lora.preset, family.LAYOUT, cfg.lora.vision_lora)
+        extra = list(family.LAYOUT.projector_modules) if cfg.lora.train_projector else None
         model = get_peft_model(model, lora_config(targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
-                                                  cfg.lora.use_rslora, cfg.lora.use_dora))
+                                                  cfg.lora.use_rslora, cfg.lora.use_dora, extra))
         model.peft_config["default"].base_model_name_or_path = resolved.name
         ledger = parameter_ledger(model, family.LAYOUT)
         say(f"LoRA preset {cfg.lora.preset!r}, r={cfg.lora.r}, alpha={cfg.lora.alpha}\n{format_ledger(ledger)}")

@@ -33,3 +33,14 @@ def test_train_memory_benchmark_runs_every_setting_with_the_same_loss():
     first = rows[0]["first_loss"]
     assert all(abs(r["first_loss"] - first) < 1e-4 for r in rows)  # memory knobs, not different numbers
     assert all(r["samples_per_s"] > 0 and r["answer_tokens"] > 60 for r in rows)
+
+
+def test_v1_full_size_benchmark_runs_at_tiny_size():
+    spec = importlib.util.spec_from_file_location("v1_full_size", REPO / "benchmarks" / "v1_full_size.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    r = module.main(["--size", "tiny", "--target-tokens", "16", "--new-tokens", "4", "--gen-pages", "2"])
+    # Gundam on a 1000 x 1500 page, tiny model (4-token global view, 3-token tiles, 2 x 3 tiles):
+    # 4 x 5 + 1 + (3 x 2 + 1) x (3 x 3) = 84 placeholder ids.
+    assert r["placeholder_ids_per_page"] == 84
+    assert len(r["train_step_s"]) == 3 and r["generate_new_tokens"] == [4, 4]

@@ -33,14 +33,24 @@ def builtin_names() -> list[str]:
     return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
 
 
-def family_for_model_type(model_type: str, where: str) -> ModuleType:
+def family_for_model_type(model_type: str, where: str, raw: dict | None = None) -> ModuleType:
     # Imported lazily so that `import finetune.models` stays cheap.
     if model_type == "deepseek_ocr2":
         from finetune.models import deepseek_ocr2
 
         return deepseek_ocr2
+    if model_type == "deepseek_vl_v2":
+        from finetune.models import deepseek_ocr
+
+        if deepseek_ocr.is_v1_config(raw or {}):
+            return deepseek_ocr
+        raise ModelNameError(
+            f"{where}: model_type 'deepseek_vl_v2' without CLIP-L in vision_config.width is not DeepSeek-OCR (v1); "
+            "for DeepSeek-OCR-2 use the transformers layout (deepseek-community/DeepSeek-OCR-2)"
+        )
     raise ModelNameError(
-        f"{where}: model_type {model_type!r} is not supported by ocrtune (supported: deepseek_ocr2)"
+        f"{where}: model_type {model_type!r} is not supported by ocrtune "
+        "(supported: deepseek_ocr2, and deepseek_vl_v2 for DeepSeek-OCR v1)"
     )
 
 
@@ -49,10 +59,10 @@ def _family_of(path: Path, where: str) -> ModuleType:
     if not cfg_file.is_file():
         raise ModelNameError(f"{where}: no config.json in {path}")
     try:
-        model_type = json.loads(cfg_file.read_text()).get("model_type", "")
+        raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelNameError(f"{cfg_file}: invalid JSON ({exc.msg})") from exc
-    return family_for_model_type(model_type, str(cfg_file))
+    return family_for_model_type(raw.get("model_type", ""), str(cfg_file), raw)
 
 
 def resolve_model(name: str) -> ResolvedModel:

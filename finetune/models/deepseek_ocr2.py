@@ -34,10 +34,15 @@ class DecoderLayout:
         "mlp.shared_experts.up_proj",
         "mlp.shared_experts.down_proj",
     )
+    routed_expert_modules: str = ""  # experts are fused 3-D parameters here, reached as parameters
     routed_expert_params: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
     router: str = "mlp.gate"
     vision: tuple[str, ...] = ("model.vision_tower",)
     projector: tuple[str, ...] = ("model.multi_modal_projector", "model.view_separator")
+    # Optional trainable extras (lora.train_projector, lora.vision_lora).
+    projector_modules: tuple[str, ...] = ("model.multi_modal_projector",)
+    vision_lora: str = (r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+                        r"|mlp\.(gate_proj|up_proj|down_proj))")
 
 
 LAYOUT = DecoderLayout()

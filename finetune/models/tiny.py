@@ -2,6 +2,7 @@
 
     python -m finetune.models.tiny --output finetune/builtin/tiny-random-deepseek-ocr-2
     python -m finetune.models.tiny --size ocr --output runs/tiny-pretrain/init   (then recipes/tiny_pretrain.sh)
+    python -m finetune.models.tiny --family deepseek-ocr --output finetune/builtin/tiny-random-deepseek-ocr
 
 Real transformers classes at tiny dimensions with seeded random weights, and a
 byte-level BPE tokenizer trained here on a small fixed corpus (any UTF-8 text encodes,
@@ -166,6 +167,82 @@ def ocr_config(vocab_size: int, image_token_id: int):
 
 SIZES = {"random": (tiny_config, 192, 4), "ocr": (ocr_config, 384, 8)}  # config, view px, SAM patch
 
+# DeepSeek-OCR (v1) at tiny size: the official mode table scaled by 1/16 (SAM patch 4 instead
+# of 16, so views of 32-80 px give 2-5 tokens a side, as 512-1280 px give 8-20 on the real model).
+V1_TINY_MODES = {"tiny": (32, 32, True, False), "small": (40, 40, True, False), "base": (64, 64, False, False),
+                 "large": (80, 80, False, False), "gundam": (64, 40, False, True)}
+
+
+def v1_tiny_config(vocab_size: int, image_token_id: int):
+    from finetune.models.deepseek_ocr_modeling import DeepseekOcrConfig
+
+    return DeepseekOcrConfig(
+        text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "n_routed_experts": 4,
+                     "num_experts_per_tok": 2, "n_shared_experts": 1, "mlp_layer_types": ["dense", "sparse"],
+                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "max_position_embeddings": 2048,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        sam_config={"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
+                    "patch_size": 4, "window_size": 4, "global_attn_indexes": [1], "mlp_dim": 32,
+                    "output_channels": 16, "downsample_channels": [16, 32]},
+        clip_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                     "image_size": 64, "patch_size": 4, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+        projector_input=64,
+        image_token_id=image_token_id,
+    )
+
+
+# The printed-text v1 base (builtin:tiny-deepseek-ocr, pretrained by recipes/tiny_pretrain_v1.sh):
+# 64 px tiles of 4 x 4 tokens, so a text line tiles into up to 6 squares read at full height.
+V1_OCR_MODES = {"tiny": (32, 32, True, False), "small": (48, 48, True, False), "base": (64, 64, False, False),
+                "large": (96, 96, False, False), "gundam": (64, 64, False, True)}
+
+
+def v1_ocr_config(vocab_size: int, image_token_id: int):
+    """Init of builtin:tiny-deepseek-ocr (~1M parameters). Unlike OCR-2's learned queries,
+    v1's vision tokens sit on a fixed grid over the image, which a from-scratch run can use
+    from the first step."""
+    from finetune.models.deepseek_ocr_modeling import DeepseekOcrConfig
+
+    return DeepseekOcrConfig(
+        text_config={"vocab_size": vocab_size, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+                     "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4,
+                     "num_experts_per_tok": 2, "n_shared_experts": 1, "mlp_layer_types": ["dense", "sparse", "sparse"],
+                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "max_position_embeddings": 2048,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        sam_config={"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
+                    "patch_size": 4, "window_size": 8, "global_attn_indexes": [1], "mlp_dim": 96,
+                    "output_channels": 32, "downsample_channels": [64, 64], "initializer_range": 0.02},
+        clip_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128,
+                     "image_size": 64, "patch_size": 4, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+        projector_input=128,
+        image_token_id=image_token_id,
+    )
+
+
+def build_tiny_v1(output: Path, seed: int = 0, size: str = "random") -> None:
+    """builtin:tiny-random-deepseek-ocr (size random), or the init of the printed-text base
+    (size ocr), written in the official DeepSeek-OCR layout."""
+    from finetune.models.deepseek_ocr import DeepseekOcrProcessor
+    from finetune.models.deepseek_ocr_checkpoint import save_official
+    from finetune.models.deepseek_ocr_modeling import DeepseekOcrForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    make = v1_tiny_config if size == "random" else v1_ocr_config
+    config = make(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = DeepseekOcrForConditionalGeneration(config)
+    if size == "random":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() >= 2 or name.endswith(("image_newline", "view_seperator")):
+                    param.normal_(0.0, 0.2)  # large random weights, as for the OCR-2 test model
+    output.mkdir(parents=True, exist_ok=True)
+    save_official(model, output)
+    modes = V1_TINY_MODES if size == "random" else V1_OCR_MODES
+    processor = DeepseekOcrProcessor(tokenizer, patch_size=4, downsample_ratio=4, modes=dict(modes))
+    processor.save_pretrained(output)
+
 
 def build_tiny_random(output: Path, seed: int = 0, size: str = "random") -> None:
     from transformers import DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor
@@ -205,8 +282,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="random",
                         help="random: the 0.2M-parameter test model; ocr: the init of the pretrained tiny base")
+    parser.add_argument("--family", choices=["deepseek-ocr-2", "deepseek-ocr"], default="deepseek-ocr-2",
+                        help="deepseek-ocr: the v1 test model (official layout), random weights only")
     args = parser.parse_args(argv)
-    build_tiny_random(args.output, seed=args.seed, size=args.size)
+    if args.family == "deepseek-ocr":
+        build_tiny_v1(args.output, seed=args.seed, size=args.size)
+    else:
+        build_tiny_random(args.output, seed=args.seed, size=args.size)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""DeepSeek-OCR (v1) family: loading the official checkpoint natively, and its processor.
+
+The checkpoint folder is read as published by deepseek-ai/DeepSeek-OCR: config.json
+(model_type deepseek_vl_v2), *.safetensors under the remote-code key names, the
+tokenizer files and processor_config.json. Nothing in it is executed.
+
+Resolution modes (base view size, tile size, tiling), as in the official inference config:
+
+    tiny    512, squashed to a square      64 vision tokens   (8 x 9 + 1 = 73 ids)
+    small   640, squashed                  100                (10 x 11 + 1 = 111)
+    base    1024, padded with mean grey    256                (16 x 17 + 1 = 273)
+    large   1280, padded                   400                (20 x 21 + 1 = 421)
+    gundam  1024 padded + w x h tiles of 640 (min 2, max 6 tiles by aspect ratio; pages
+            within one tile on both sides get none): 256 + 100 w h vision tokens,
+            273 + (10 w + 1) x 10 h ids
+
+Views are normalised with mean = std = 0.5. A view of g x g tokens takes g rows of g + 1
+ids (a newline closes each row); tiles form one (g h) x (g w + 1) block before the
+global view; one separator id ends the image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+MODEL_TYPE = "deepseek_ocr"
+OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
+PROCESSOR_FILE = "processor_config.json"
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where things live in the module tree; the LoRA resolver and the ledger read this."""
+
+    decoder_layers: str = "model.language_model.layers"
+    attention: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    dense_mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    shared_experts: tuple[str, ...] = (
+        "mlp.shared_experts.gate_proj",
+        "mlp.shared_experts.up_proj",
+        "mlp.shared_experts.down_proj",
+    )
+    # One Linear triple per routed expert (as published): LoRA reaches them as modules.
+    routed_expert_modules: str = r"mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
+    routed_expert_params: tuple[str, ...] = ()
+    router: str = "mlp.gate"
+    vision: tuple[str, ...] = ("model.sam_model", "model.vision_model")
+    projector: tuple[str, ...] = ("model.projector", "model.image_newline", "model.view_seperator")
+    # Optional trainable extras (lora.train_projector, lora.vision_lora).
+    projector_modules: tuple[str, ...] = ("model.projector",)
+    vision_lora: str = r"model\.vision_model\.transformer\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)"
+
+
+LAYOUT = DecoderLayout()
+ADAPTER_DISK_RENAMES: tuple = ()  # no transformers rename table applies to this family
+
+MODES = ("tiny", "small", "base", "large", "gundam")
+# mode -> (base view size, tile size, squash instead of pad, tiles)
+OFFICIAL_MODES = {
+    "tiny": (512, 512, True, False),
+    "small": (640, 640, True, False),
+    "base": (1024, 1024, False, False),
+    "large": (1280, 1280, False, False),
+    "gundam": (1024, 640, False, True),
+}
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    mode: str
+    base_size: int
+    image_size: int  # tile size
+    squash: bool  # resize to a square (tiny, small) instead of padding with mean grey
+    crop_to_patches: bool  # tile pages larger than one tile (gundam)
+    min_tiles: int
+    max_tiles: int
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "base_size": self.base_size, "image_size": self.image_size, "squash": self.squash,
+                "crop_to_patches": self.crop_to_patches, "min_tiles": self.min_tiles, "max_tiles": self.max_tiles}
+
+
+@dataclass
+class DeepseekOcrProcessor:
+    """Tokenizer + the image settings of processor_config.json (official keys: patch_size,
+    downsample_ratio, image_mean, image_std; ocrtune keys: modes, default_mode, min_crops,
+    max_crops, each defaulting to the official inference config)."""
+
+    tokenizer: object
+    patch_size: int = 16
+    downsample_ratio: int = 4
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    modes: dict = field(default_factory=lambda: dict(OFFICIAL_MODES))
+    default_mode: str = "gundam"
+    min_crops: int = 2
+    max_crops: int = 6
+    image_token: str = IMAGE_TOKEN
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "DeepseekOcrProcessor":
+        from transformers import AutoTokenizer, PreTrainedConfig
+
+        folder = Path(folder)
+        # config= keeps AutoTokenizer from reading config.json, whose model_type
+        # (deepseek_vl_v2) transformers does not know; the tokenizer files say what they are.
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=PreTrainedConfig())
+        raw = {}
+        if (folder / PROCESSOR_FILE).is_file():
+            raw = json.loads((folder / PROCESSOR_FILE).read_text())
+        modes = {k: tuple(v) for k, v in raw.get("modes", OFFICIAL_MODES).items()}
+        default = raw.get("default_mode", "gundam")
+        if default not in modes:
+            raise ValueError(f"{folder / PROCESSOR_FILE}: default_mode {default!r} is not one of {sorted(modes)}")
+        return cls(tokenizer, int(raw.get("patch_size", 16)), int(raw.get("downsample_ratio", 4)),
+                   tuple(raw.get("image_mean", (0.5,) * 3)), tuple(raw.get("image_std", (0.5,) * 3)), modes, default,
+                   int(raw.get("min_crops", 2)), int(raw.get("max_crops", 6)))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(str(folder))
+        (folder / PROCESSOR_FILE).write_text(json.dumps({
+            "processor_class": "DeepseekVLV2Processor", "patch_size": self.patch_size,
+            "downsample_ratio": self.downsample_ratio, "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std), "image_token": self.image_token,
+            "modes": {k: list(v) for k, v in self.modes.items()}, "default_mode": self.default_mode,
+            "min_crops": self.min_crops, "max_crops": self.max_crops}, indent=2) + "\n")
+
+    def tokens_per_side(self, size: int) -> int:
+        return math.ceil(size / self.patch_size / self.downsample_ratio)
+
+
+def mode_vision(processor: DeepseekOcrProcessor, mode: str) -> VisionSettings:
+    if mode not in processor.modes:
+        raise ValueError(f"--modes {mode!r}: DeepSeek-OCR has modes {', '.join(processor.modes)}")
+    base, tile, squash, tiles = processor.modes[mode]
+    return VisionSettings(mode, int(base), int(tile), bool(squash), bool(tiles), processor.min_crops, processor.max_crops)
+
+
+def default_vision(processor: DeepseekOcrProcessor) -> VisionSettings:
+    return mode_vision(processor, processor.default_mode)
+
+
+def tile_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """(tiles across, tiles down) whose aspect ratio is closest to the page's; among equal
+    ratios the larger grid wins when the page has the pixels to fill it."""
+    grids = sorted({(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if min_tiles <= i * j <= max_tiles}, key=lambda g: g[0] * g[1])
+    aspect, best, best_diff = width / height, (1, 1), float("inf")
+    for i, j in grids:
+        diff = abs(aspect - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * i * j:
+            best = (i, j)
+    return best
+
+
+def _to_tensor(image: Image.Image, mean, std) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def encode_image(processor: DeepseekOcrProcessor, image: Image.Image, vision: VisionSettings) -> tuple[dict, int]:
+    """Pixel tensors for one RGB page and its placeholder count."""
+    image = image.convert("RGB")
+    w, h = image.size
+    grid = (1, 1)
+    if vision.crop_to_patches and (w > vision.image_size or h > vision.image_size):
+        grid = tile_grid(w, h, vision.image_size, vision.min_tiles, vision.max_tiles)
+    if vision.squash:
+        view = image.resize((vision.base_size, vision.base_size), Image.BICUBIC)
+    else:
+        fill = tuple(int(m * 255) for m in processor.image_mean)
+        view = ImageOps.pad(image, (vision.base_size, vision.base_size), method=Image.BICUBIC, color=fill)
+    local = None
+    if grid != (1, 1):
+        s = vision.image_size
+        resized = image.resize((s * grid[0], s * grid[1]), Image.BICUBIC)
+        tiles = [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(grid[1]) for c in range(grid[0])]
+        local = torch.stack([_to_tensor(t, processor.image_mean, processor.image_std) for t in tiles])
+    pixels = {"pixel_values": _to_tensor(view, processor.image_mean, processor.image_std)[None],
+              "pixel_values_local": local, "grid": grid}
+    return pixels, placeholders(processor, vision, grid)
+
+
+def placeholders(processor: DeepseekOcrProcessor, vision: VisionSettings, grid: tuple[int, int]) -> int:
+    g = processor.tokens_per_side(vision.base_size)
+    n = g * (g + 1) + 1
+    if grid != (1, 1):
+        t = processor.tokens_per_side(vision.image_size)
+        n += (t * grid[0] + 1) * (t * grid[1])
+    return n
+
+
+def vision_tokens(processor: DeepseekOcrProcessor, vision: VisionSettings, grid: tuple[int, int]) -> int:
+    """Vision tokens (newlines and separator excluded) for a page tiled as `grid`."""
+    g, t = processor.tokens_per_side(vision.base_size), processor.tokens_per_side(vision.image_size)
+    return g * g + (t * t * grid[0] * grid[1] if grid != (1, 1) else 0)
+
+
+def collate_pixels(items: list[dict]) -> dict:
+    batch = {
+        "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+        "images_spatial_crop": torch.tensor([it["grid"] for it in items], dtype=torch.long),
+    }
+    local = [it["pixel_values_local"] for it in items if it["pixel_values_local"] is not None]
+    if local:
+        batch["pixel_values_local"] = torch.cat(local)
+    return batch
+
+
+def image_token_id(model_config) -> int:
+    return int(model_config.image_token_id)
+
+
+def load(path: str | Path, dtype=None, device=None):
+    """The official layout -> (DeepseekOcrForConditionalGeneration, DeepseekOcrProcessor).
+    Built on the meta device (no memory for random weights that are overwritten anyway),
+    then every tensor is assigned from the checkpoint; a missing or unexpected key is an error."""
+    from finetune.models.deepseek_ocr_checkpoint import check_keys, config_from_official, from_official, read_official
+    from finetune.models.deepseek_ocr_modeling import DeepseekOcrForConditionalGeneration
+
+    path = Path(path)
+    processor = DeepseekOcrProcessor.from_pretrained(path)
+    tok_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if tok_id is None or tok_id == processor.tokenizer.unk_token_id:
+        raise ValueError(f"{path}: the tokenizer has no {IMAGE_TOKEN} token")
+    raw = json.loads((path / "config.json").read_text())
+    config = config_from_official(raw, str(path / "config.json"), tok_id)
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = DeepseekOcrForConditionalGeneration(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tensors = from_official(read_official(path, dtype))
+    check_keys(expected, tensors, str(path))
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.reset_rotary()
+    model.to(dtype)
+    model.config.dtype = dtype
+    if device is not None:
+        model.to(device)
+    model.eval()
+    from transformers import GenerationConfig
+
+    tok = processor.tokenizer
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    return model, processor
+
+
+def is_v1_config(raw: dict) -> bool:
+    """An official-layout config.json of DeepSeek-OCR v1 (CLIP-L in its vision widths)."""
+    return raw.get("model_type") == OFFICIAL_MODEL_TYPE and "clip-l-14-224" in (raw.get("vision_config") or {}).get("width", {})

@@ -1,0 +1,244 @@
+"""The official DeepSeek-OCR checkpoint layout <-> ocrtune's native v1 modules.
+
+deepseek-ai/DeepSeek-OCR publishes config.json with model_type "deepseek_vl_v2"
+(language_config / vision_config / projector_config) and safetensors under the
+remote-code names (model.sam_model.blocks.N..., model.vision_model... with one fused
+qkv_proj per CLIP layer, model.layers.N... with one module per routed expert). Loading
+renames those keys onto the native modules and splits CLIP's qkv; saving does the reverse,
+so every checkpoint ocrtune writes (the builtin tiny ones, full-parameter runs) is in the
+official layout too, and the same loader reads both. Weights are read with safetensors
+only: no pickle, no downloaded code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
+CLIP_KEY, SAM_KEY = "clip-l-14-224", "sam_vit_b"
+
+# (official prefix, native prefix) for keys that differ, N standing for a layer number;
+# everything else maps to itself. The first match wins, so specific entries come first.
+_PAIRS = [
+    ("model.sam_model.blocks.N.norm1.", "model.sam_model.layers.N.layer_norm1."),
+    ("model.sam_model.blocks.N.norm2.", "model.sam_model.layers.N.layer_norm2."),
+    ("model.sam_model.blocks.N.", "model.sam_model.layers.N."),
+    ("model.sam_model.patch_embed.proj.", "model.sam_model.patch_embed.projection."),
+    ("model.sam_model.neck.0.", "model.sam_model.neck.conv1."),
+    ("model.sam_model.neck.1.", "model.sam_model.neck.layer_norm1."),
+    ("model.sam_model.neck.2.", "model.sam_model.neck.conv2."),
+    ("model.sam_model.neck.3.", "model.sam_model.neck.layer_norm2."),
+    ("model.sam_model.net_2.", "model.sam_model.proj.conv1."),
+    ("model.sam_model.net_3.", "model.sam_model.proj.conv2."),
+    ("model.projector.layers.", "model.projector."),
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.norm.", "model.language_model.norm."),
+]
+
+
+def _table(pairs):
+    return [(re.escape(a).replace("N", r"(\d+)"), b.replace("N", r"\1")) for a, b in pairs]
+
+
+_RENAMES = _table(_PAIRS)
+_INVERSE = _table([(b, a) for a, b in _PAIRS])
+_QKV = re.compile(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
+_SPLIT = re.compile(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)q_proj\.(weight|bias)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the architecture; the message lists the keys."""
+
+
+def _rename(key: str, table) -> str:
+    for pattern, template in table:
+        new, n = re.subn("^" + pattern, template, key)
+        if n:
+            return new
+    return key
+
+
+def from_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official names -> native names; each fused CLIP qkv becomes q, k and v (in that order)."""
+    out = {}
+    for key, value in tensors.items():
+        m = _QKV.match(key)
+        if m:
+            for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0)):
+                out[f"{m.group(1)}{part}_proj.{m.group(2)}"] = chunk
+            continue
+        out[_rename(key, _RENAMES)] = value
+    return out
+
+
+def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if re.search(r"self_attn\.(k|v)_proj\.", key) and key.startswith("model.vision_model."):
+            continue  # written with q below
+        m = _SPLIT.match(key)
+        if m:
+            prefix, leaf = m.group(1), m.group(2)
+            out[f"{prefix}qkv_proj.{leaf}"] = torch.cat([state[f"{prefix}{p}_proj.{leaf}"] for p in "qkv"])
+            continue
+        out[_rename(key, _INVERSE)] = value
+    return out
+
+
+# --- config.json -------------------------------------------------------------------------
+
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "n_routed_experts", "n_shared_experts",
+                "num_experts_per_tok", "routed_scaling_factor", "topk_method", "n_group", "topk_group",
+                "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def config_from_official(raw: dict, where: str, image_token_id: int):
+    """The official config.json (as a dict) -> DeepseekOcrConfig; refuses variants it can't run."""
+    from finetune.models.deepseek_ocr_modeling import DeepseekOcrConfig
+
+    def need(d: dict, key: str, path: str):
+        if key not in d:
+            raise CheckpointError(f"{where}: {path}{key} is missing")
+        return d[key]
+
+    lang = raw.get("language_config") or raw
+    vision = need(raw, "vision_config", "")
+    widths = need(vision, "width", "vision_config.")
+    clip, sam = need(widths, CLIP_KEY, "vision_config.width."), need(widths, SAM_KEY, "vision_config.width.")
+    proj = raw.get("projector_config", {})
+    if proj.get("projector_type", "linear") != "linear":
+        raise CheckpointError(f"{where}: projector_config.projector_type {proj['projector_type']!r}: only 'linear' "
+                              "(DeepSeek-OCR's) is supported")
+    for key, ok in (("use_mla", False), ("norm_topk_prob", False)):
+        if bool(lang.get(key, False)) != ok:
+            raise CheckpointError(f"{where}: language_config.{key} = {lang[key]!r} is not DeepSeek-OCR's decoder "
+                                  f"(expected {ok})")
+    if lang.get("scoring_func", "softmax") != "softmax":
+        raise CheckpointError(f"{where}: language_config.scoring_func {lang['scoring_func']!r}: only softmax is supported")
+    n_layers = int(need(lang, "num_hidden_layers", "language_config."))
+    first_dense, freq = int(lang.get("first_k_dense_replace", 0)), int(lang.get("moe_layer_freq", 1))
+    sparse = lang.get("n_routed_experts") not in (None, 0)
+    text = {k: lang[k] for k in _TEXT_FIELDS if lang.get(k) is not None}
+    text.update(
+        mlp_layer_types=["sparse" if sparse and i >= first_dense and i % freq == 0 else "dense" for i in range(n_layers)],
+        rope_parameters={"rope_type": "default", "rope_theta": float(lang.get("rope_theta", 10000.0))},
+        attention_bias=bool(lang.get("attention_bias", False)),
+    )
+    clip_width, sam_width = int(need(clip, "width", "clip ")), int(need(sam, "width", "sam "))
+    downsample = list(sam.get("downsample_channels", [512, 1024]))
+    if downsample[-1] != clip_width:
+        raise CheckpointError(f"{where}: SAM's last downsample channels ({downsample[-1]}) must equal CLIP's width "
+                              f"({clip_width}): SAM features are CLIP's patch embeddings")
+    return DeepseekOcrConfig(
+        text_config=text,
+        sam_config={
+            "hidden_size": sam_width, "num_hidden_layers": int(sam["layers"]), "num_attention_heads": int(sam["heads"]),
+            "global_attn_indexes": list(sam.get("global_attn_indexes", [2, 5, 8, 11])),
+            "downsample_channels": downsample, "image_size": int(vision.get("image_size", 1024)),
+            "patch_size": int(sam.get("patch_size", 16)), "window_size": int(sam.get("window_size", 14)),
+            "mlp_dim": int(sam.get("mlp_dim", 4 * sam_width)), "output_channels": int(sam.get("output_channels", 256)),
+        },
+        clip_config={
+            "hidden_size": clip_width, "num_hidden_layers": int(clip["layers"]), "num_attention_heads": int(clip["heads"]),
+            "intermediate_size": int(clip.get("ffn_width", 4 * clip_width)), "image_size": int(clip.get("image_size", 224)),
+            "patch_size": int(clip.get("patch_size", 14)), "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        },
+        projector_input=int(proj.get("input_dim", 2 * clip_width)),
+        image_token_id=image_token_id,
+    )
+
+
+def official_config(config) -> dict:
+    """DeepseekOcrConfig -> the official config.json layout (plus the few sizes the official
+    code hard-codes, so tiny models round-trip)."""
+    t, s, c = config.text_config, config.sam_config, config.clip_config
+    kinds = list(t.mlp_layer_types)
+    first_dense = kinds.index("sparse") if "sparse" in kinds else len(kinds)
+    lang = {k: getattr(t, k) for k in _TEXT_FIELDS if getattr(t, k, None) is not None}
+    lang.update(first_k_dense_replace=first_dense, moe_layer_freq=1, use_mla=False, norm_topk_prob=False,
+                scoring_func="softmax", rope_theta=float(t.rope_parameters.get("rope_theta", 10000.0)),
+                attention_bias=bool(t.attention_bias))
+    if "sparse" not in kinds:
+        lang["n_routed_experts"] = None
+    return {
+        "architectures": ["DeepseekOCRForCausalLM"],
+        "model_type": OFFICIAL_MODEL_TYPE,
+        "language_config": lang,
+        "projector_config": {"input_dim": config.projector_input, "n_embed": t.hidden_size, "projector_type": "linear"},
+        "vision_config": {
+            "image_size": s.image_size,
+            "width": {
+                CLIP_KEY: {"width": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+                           "image_size": c.image_size, "patch_size": c.patch_size, "ffn_width": c.intermediate_size},
+                SAM_KEY: {"width": s.hidden_size, "layers": s.num_hidden_layers, "heads": s.num_attention_heads,
+                          "global_attn_indexes": list(s.global_attn_indexes),
+                          "downsample_channels": list(s.downsample_channels), "patch_size": s.patch_size,
+                          "window_size": s.window_size, "mlp_dim": s.mlp_dim, "output_channels": s.output_channels},
+            },
+        },
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+    }
+
+
+# --- weights -----------------------------------------------------------------------------
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights (ocrtune never unpickles .bin/.pt files)")
+    return files
+
+
+def read_official(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return tensors
+
+
+def check_keys(expected: dict[str, tuple], got: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse, listing them, any missing, unexpected or wrongly shaped tensor."""
+    # Named as in the checkpoint, so they can be looked up there.
+    missing = sorted({_official_name(k) for k in set(expected) - set(got)})
+    unexpected = sorted({_official_name(k) for k in set(got) - set(expected)})
+    shapes = sorted(f"{_official_name(k)}: checkpoint {tuple(got[k].shape)}, model {expected[k]}"
+                    for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k]))
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                shown = ", ".join(items[:20])
+                parts.append(f"{len(items)} {label} ({shown}{', ...' if len(items) > 20 else ''})")
+        raise CheckpointError(f"{where}: checkpoint does not match the DeepSeek-OCR architecture: " + "; ".join(parts))
+
+
+def _official_name(native: str) -> str:
+    if _SPLIT.match(native) or re.search(r"vision_model\..*self_attn\.(k|v)_proj\.", native):
+        return re.sub(r"(q|k|v)_proj\.", "qkv_proj.", native)
+    return _rename(native, _INVERSE)
+
+
+def save_official(model, folder: Path, state_dict=None) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in to_official(state).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(official_config(model.config), indent=2) + "\n")

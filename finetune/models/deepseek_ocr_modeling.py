@@ -1,0 +1,294 @@
+"""DeepSeek-OCR (v1) as native modules on transformers' building blocks: no remote code.
+
+    model.sam_model        SAM ViT-B with its neck and two stride-2 convs (transformers'
+                           DeepseekOcr2SamVisionEncoder; OCR-2 has the same SAM)
+    model.vision_model     CLIP-L fed with the SAM features in place of its patch embedding
+                           (transformers' CLIPEncoderLayer blocks; embeddings written here)
+    model.projector        Linear(CLIP width + SAM width = 2048 -> 1280)
+    model.image_newline    one learned vector closing every row of a view's token grid
+    model.view_seperator   one learned vector after the views (the checkpoint's spelling)
+    model.language_model   DeepSeek-V2 MoE decoder: transformers' DeepseekOcr2TextModel, whose
+                           sparse layers get one Linear triple per routed expert as published
+                           (the fused 3-D experts of OCR-2 would change the LoRA arithmetic:
+                           one shared A for gate and up instead of one each)
+    lm_head
+
+Placeholder layout per image (what `image_features` returns, row by row): local tiles
+as one grid of (tiles_h * g) rows of (tiles_w * g) tokens + a newline, then the global
+view as g rows of g tokens + a newline, then the separator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import (
+    DeepseekOcr2SamVisionConfig,
+    DeepseekOcr2TextConfig,
+)
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
+    DeepseekOcr2SamVisionAttention,
+    DeepseekOcr2SamVisionEncoder,
+    DeepseekOcr2TextMLP,
+    DeepseekOcr2TextModel,
+    DeepseekOcr2TextRotaryEmbedding,
+    DeepseekOcr2TextTopkRouter,
+)
+
+
+class DeepseekOcrConfig(PreTrainedConfig):
+    """In-memory config. On disk ocrtune writes (and reads) the official config.json
+    layout instead; see deepseek_ocr_checkpoint.py."""
+
+    model_type = "ocrtune_deepseek_ocr"  # never written to disk; keeps transformers' rename tables away
+    sub_configs = {"text_config": DeepseekOcr2TextConfig, "sam_config": DeepseekOcr2SamVisionConfig,
+                   "clip_config": CLIPVisionConfig}
+
+    def __init__(self, text_config=None, sam_config=None, clip_config=None, projector_input: int = 2048,
+                 image_token_id: int = 128815, **kwargs):
+        def build(cls, value):
+            return value if isinstance(value, PreTrainedConfig) else cls(**(value or {}))
+
+        self.text_config = build(DeepseekOcr2TextConfig, text_config)
+        self.sam_config = build(DeepseekOcr2SamVisionConfig, sam_config)
+        self.clip_config = build(CLIPVisionConfig, clip_config)
+        self.projector_input = projector_input
+        self.image_token_id = image_token_id
+        kwargs.setdefault("tie_word_embeddings", False)  # DeepSeek-OCR has its own lm_head
+        super().__init__(**kwargs)
+
+
+class ClipEmbeddings(nn.Module):
+    """CLS + SAM features as patch embeddings + position table resized to the grid."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        # Unused (SAM supplies the patches) but published in the checkpoint: kept so every
+        # key loads and the vision parameter count matches the official model.
+        self.patch_embedding = nn.Conv2d(3, width, config.patch_size, config.patch_size, bias=False)
+        self.grid = config.image_size // config.patch_size
+        self.position_embedding = nn.Embedding(self.grid * self.grid + 1, width)
+
+    def positions(self, grid: int) -> torch.Tensor:
+        table = self.position_embedding.weight
+        if grid == self.grid:
+            return table
+        cls, rest = table[:1], table[1:]
+        rest = rest.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2).float()
+        rest = F.interpolate(rest, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+        rest = rest.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
+        return torch.cat([cls, rest])
+
+    def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = sam_features.shape
+        if h != w:
+            raise ValueError(f"vision: square views expected, got a {h}x{w} feature grid")
+        patches = sam_features.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(patches.dtype).expand(b, 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.positions(h).to(patches.dtype)
+
+
+class ClipTransformer(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden = layer(hidden, None)
+        return hidden
+
+
+class ClipOverSam(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = ClipEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # checkpoint spelling
+        self.transformer = ClipTransformer(config)
+
+    def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
+        return self.transformer(self.pre_layrnorm(self.embeddings(sam_features)))
+
+
+class RoutedExpertsMoe(nn.Module):
+    """DeepSeek-V2 MoE with one gate/up/down Linear per routed expert, as published."""
+
+    def __init__(self, config: DeepseekOcr2TextConfig):
+        super().__init__()
+        self.gate = DeepseekOcr2TextTopkRouter(config)
+        self.experts = nn.ModuleList(
+            [DeepseekOcr2TextMLP(config, intermediate_size=config.moe_intermediate_size)
+             for _ in range(config.n_routed_experts)])
+        self.shared_experts = DeepseekOcr2TextMLP(
+            config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        _, weights, chosen = self.gate(hidden_states)
+        flat = hidden_states.reshape(-1, shape[-1])
+        out = torch.zeros_like(flat)
+        # Only the experts some token chose run, each on its tokens alone.
+        for e in torch.unique(chosen).tolist():
+            token, slot = torch.where(chosen == e)
+            y = self.experts[e](flat[token]) * weights[token, slot, None].to(flat.dtype)
+            out.index_add_(0, token, y)
+        return out.reshape(shape) + self.shared_experts(hidden_states)
+
+
+class DeepseekOcrModel(nn.Module):
+    def __init__(self, config: DeepseekOcrConfig):
+        super().__init__()
+        text = config.text_config
+        # CLIP's layers pick their attention kernel from their own config.
+        config.clip_config._attn_implementation = config._attn_implementation or "sdpa"
+        self.sam_model = DeepseekOcr2SamVisionEncoder(config.sam_config)
+        self.vision_model = ClipOverSam(config.clip_config)
+        self.projector = nn.Linear(config.projector_input, text.hidden_size)
+        self.image_newline = nn.Parameter(torch.zeros(text.hidden_size))
+        self.view_seperator = nn.Parameter(torch.zeros(text.hidden_size))
+        self.language_model = DeepseekOcr2TextModel(text)
+        for i, layer in enumerate(self.language_model.layers):
+            if text.mlp_layer_types[i] == "sparse":
+                layer.mlp = RoutedExpertsMoe(text)
+
+    def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] views -> [N, g, g, hidden] projected tokens."""
+        sam = self.sam_model(pixels).last_hidden_state  # [N, C, g, g]
+        clip = self.vision_model(sam)[:, 1:]  # CLS dropped
+        feats = torch.cat([clip, sam.flatten(2).transpose(1, 2)], dim=-1)
+        g = sam.shape[-1]
+        return self.projector(feats).reshape(pixels.shape[0], g, g, -1)
+
+    def image_features(self, pixel_values, pixel_values_local=None, images_spatial_crop=None) -> list[torch.Tensor]:
+        """One [placeholders, hidden] tensor per image, in the placeholder order."""
+        views = self.encode_views(pixel_values)
+        tiles = self.encode_views(pixel_values_local) if pixel_values_local is not None else None
+        newline, sep = self.image_newline, self.view_seperator[None]
+        out, used = [], 0
+        for i in range(views.shape[0]):
+            parts = []
+            tw, th = (int(x) for x in images_spatial_crop[i]) if images_spatial_crop is not None else (1, 1)
+            if tw * th > 1:
+                t = tiles[used: used + tw * th]
+                used += tw * th
+                g = t.shape[1]
+                grid = t.reshape(th, tw, g, g, -1).permute(0, 2, 1, 3, 4).reshape(th * g, tw * g, -1)
+                parts.append(torch.cat([grid, newline.to(grid.dtype).expand(th * g, 1, -1)], 1).flatten(0, 1))
+            v = views[i]
+            parts.append(torch.cat([v, newline.to(v.dtype).expand(v.shape[0], 1, -1)], 1).flatten(0, 1))
+            parts.append(sep.to(v.dtype))
+            out.append(torch.cat(parts))
+        return out
+
+
+class DeepseekOcrForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    config_class = DeepseekOcrConfig
+    config: DeepseekOcrConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False  # SAM's relative-position bias
+    _no_split_modules = ["DeepseekOcr2SamVisionLayer", "CLIPEncoderLayer", "DeepseekOcr2TextDecoderLayer"]
+
+    def __init__(self, config: DeepseekOcrConfig):
+        super().__init__(config)
+        self.model = DeepseekOcrModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.text_config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, DeepseekOcr2TextTopkRouter):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, DeepseekOcr2SamVisionAttention) and module.use_rel_pos:
+            nn.init.zeros_(module.rel_pos_h)
+            nn.init.zeros_(module.rel_pos_w)
+        elif isinstance(module, DeepseekOcr2SamVisionEncoder) and module.pos_embed is not None:
+            nn.init.normal_(module.pos_embed, 0.0, std)
+        elif isinstance(module, ClipEmbeddings):
+            nn.init.normal_(module.class_embedding, 0.0, std)
+        elif isinstance(module, DeepseekOcrModel):
+            scale = 1 / math.sqrt(self.config.text_config.hidden_size)
+            nn.init.normal_(module.image_newline, 0.0, scale)
+            nn.init.normal_(module.view_seperator, 0.0, scale)
+        elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
+            nn.init.ones_(module.weight)
+        elif module.__class__.__name__.endswith("SamLayerNorm"):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def reset_rotary(self, device=None) -> None:
+        """Recompute the rotary table (a non-persistent buffer): needed after building on the
+        meta device, where it was never computed."""
+        lm = self.model.language_model
+        lm.rotary_emb = DeepseekOcr2TextRotaryEmbedding(self.config.text_config).to(device)
+
+    def save_pretrained(self, save_directory, state_dict=None, **kwargs):
+        """Written in the official DeepSeek-OCR layout (config.json + safetensors under the
+        published names), so the one loader reads ocrtune's checkpoints and DeepSeek's alike."""
+        from pathlib import Path
+
+        from finetune.models.deepseek_ocr_checkpoint import save_official
+
+        save_official(self, Path(save_directory), state_dict)
+
+    def get_input_embeddings(self):
+        return self.model.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.language_model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, pixel_values=None, pixel_values_local=None, images_spatial_crop=None,
+                attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            feats = torch.cat(self.model.image_features(pixel_values, pixel_values_local, images_spatial_crop))
+            mask = input_ids == self.config.image_token_id
+            if int(mask.sum()) != feats.shape[0]:
+                raise ValueError(f"image placeholders ({int(mask.sum())}) and image features ({feats.shape[0]}) "
+                                 "differ: the processor and the model disagree on the layout")
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], feats.to(inputs_embeds.dtype))
+        out = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids, past_key_values=past_key_values,
+                                        use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None,
+                                      pixel_values_local=None, images_spatial_crop=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+        # Images only on the first (prefill) step; afterwards their keys and values are cached.
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            inputs.update(pixel_values=pixel_values, pixel_values_local=pixel_values_local,
+                          images_spatial_crop=images_spatial_crop)
+        return inputs
