@@ -13,6 +13,7 @@ power, disk full) at any moment leaves at least the previous complete checkpoint
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -45,6 +46,16 @@ def _synced(path: Path, write) -> None:
         write(fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _torch_bytes(obj) -> bytes:
+    """torch.save into memory. Handing torch.save our file object directly failed once on a
+    GPU machine ("unexpected pos ... vs ..." from PyTorch's zip writer, optimizer state on
+    CUDA; cause not established); in memory, PyTorch's writer and our fsync'd file never
+    share a file position."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -92,13 +103,13 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accele
     accelerator.wait_for_everyone()
     if not error:
         try:
-            _synced(target / f"rng-rank{accelerator.process_index}.pt", lambda fh: torch.save(_rng_state(), fh))
+            _synced(target / f"rng-rank{accelerator.process_index}.pt", lambda fh: fh.write(_torch_bytes(_rng_state())))
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(model)
                 tensors = {n: p.detach().to("cpu").contiguous() for n, p in unwrapped.named_parameters()
                            if p.requires_grad}
                 _synced(target / "trainable.safetensors", lambda fh: fh.write(safetensors_bytes(tensors)))
-                _synced(target / "optimizer.pt", lambda fh: torch.save(optimizer.state_dict(), fh))
+                _synced(target / "optimizer.pt", lambda fh: fh.write(_torch_bytes(optimizer.state_dict())))
                 _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
         except (OSError, RuntimeError) as exc:
             error = f"process {accelerator.process_index}: {exc}"
