@@ -172,8 +172,11 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     # --- Model, frozen; LoRA on the decoder only ------------------------------------------
     resolved, model, processor = load_model(cfg.model.name, dtype=resolve_dtype(cfg.model.dtype, on_gpu))
     family = resolved.family
-    vision = resolve_vision(family, processor, cfg.vision.crop_to_patches, cfg.vision.min_tiles, cfg.vision.max_tiles,
-                            cfg.vision.mode)
+    try:
+        vision = resolve_vision(family, processor, cfg.vision.crop_to_patches, cfg.vision.min_tiles,
+                                cfg.vision.max_tiles, cfg.vision.mode)
+    except ValueError as exc:
+        raise TrainError(f"vision.mode: {exc}") from None
     builder = builder_for(family, processor, model.config, prompt, vision)
 
     lengths = [builder.count_target_tokens(text) for text in list(train_split["markdown"])]

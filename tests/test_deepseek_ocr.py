@@ -14,7 +14,7 @@ from finetune.lora import lora_config, parameter_ledger, resolve_targets
 from finetune.models import BUILTIN_DIR, ModelNameError, load_model
 from finetune.models import deepseek_ocr as v1
 from finetune.models.deepseek_ocr_checkpoint import (
-    CheckpointError,
+    OfficialLayoutError,
     check_keys,
     config_from_official,
     from_official,
@@ -223,7 +223,7 @@ def test_missing_and_unexpected_keys_are_listed_by_official_name(tmp_path):
     del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
     tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(32)
     save_file(tensors, str(tmp_path / "ckpt/model.safetensors"))
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(OfficialLayoutError) as err:
         load_model(str(tmp_path / "ckpt"))
     msg = str(err.value)
     assert "1 missing (model.layers.1.mlp.experts.3.up_proj.weight)" in msg
@@ -235,7 +235,7 @@ def test_pickled_weights_are_never_loaded(tmp_path):
     _write_official_copy(folder)
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not unpickled")
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(OfficialLayoutError, match="no \\*.safetensors"):
         load_model(str(folder))
 
 

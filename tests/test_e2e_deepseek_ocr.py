@@ -94,3 +94,24 @@ def test_full_parameter_run_saves_official_layout_that_loads_back(tmp_path, loop
                     "--max-new-tokens", "4", "--output", str(tmp_path / "eval"), "--no-progress")
     _ok(again)
     assert json.loads((tmp_path / "eval/report.json").read_text())["systems"]["base"]["n"] == 2
+
+
+def test_bad_mode_and_broken_checkpoint_are_clear_errors(tmp_path, loop):
+    bad = run_cli("train", str(REPO / "configs/runs/tiny_smoke.yaml"), f"model.name={TINY_V1}",
+                  f"data.path={loop['work'] / 'data'}", f"output_dir={tmp_path / 'run'}", "vision.mode=huge")
+    assert bad.returncode == 2
+    assert "vision.mode: resolution mode 'huge': DeepSeek-OCR has modes tiny, small, base, large, gundam" in bad.stderr
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from finetune.models import BUILTIN_DIR
+
+    broken = tmp_path / "broken"
+    shutil.copytree(BUILTIN_DIR / "tiny-random-deepseek-ocr", broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.sam_model.net_2.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    ev = run_cli("eval", "--model", str(broken), "--data", str(loop["work"] / "data"), "--output", str(tmp_path / "ev"))
+    assert ev.returncode == 2 and "Traceback" not in ev.stderr
+    assert "1 missing (model.sam_model.net_2.weight)" in ev.stderr

@@ -140,7 +140,7 @@ class DeepseekOcrProcessor:
 
 def mode_vision(processor: DeepseekOcrProcessor, mode: str) -> VisionSettings:
     if mode not in processor.modes:
-        raise ValueError(f"--modes {mode!r}: DeepSeek-OCR has modes {', '.join(processor.modes)}")
+        raise ValueError(f"resolution mode {mode!r}: DeepSeek-OCR has modes {', '.join(processor.modes)}")
     base, tile, squash, tiles = processor.modes[mode]
     return VisionSettings(mode, int(base), int(tile), bool(squash), bool(tiles), processor.min_crops, processor.max_crops)
 

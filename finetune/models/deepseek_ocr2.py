@@ -84,7 +84,7 @@ MODES = ("base", "gundam")
 
 def mode_vision(processor, mode: str) -> VisionSettings:
     if mode not in MODES:
-        raise ValueError(f"--modes {mode!r}: DeepSeek-OCR-2 has modes {', '.join(MODES)} "
+        raise ValueError(f"resolution mode {mode!r}: DeepSeek-OCR-2 has modes {', '.join(MODES)} "
                          "(tiny, small and large are DeepSeek-OCR v1 modes)")
     base = default_vision(processor)
     if mode == "base":

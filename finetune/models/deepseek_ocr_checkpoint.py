@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.models import ModelNameError
+
 OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
 CLIP_KEY, SAM_KEY = "clip-l-14-224", "sam_vit_b"
 
@@ -51,8 +53,9 @@ _QKV = re.compile(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)
 _SPLIT = re.compile(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)q_proj\.(weight|bias)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the architecture; the message lists the keys."""
+class OfficialLayoutError(ModelNameError):
+    """A checkpoint that does not match the architecture; the message lists the keys. A
+    ModelNameError, so every command reports it as a bad --model, not a traceback."""
 
 
 def _rename(key: str, table) -> str:
@@ -104,7 +107,7 @@ def config_from_official(raw: dict, where: str, image_token_id: int):
 
     def need(d: dict, key: str, path: str):
         if key not in d:
-            raise CheckpointError(f"{where}: {path}{key} is missing")
+            raise OfficialLayoutError(f"{where}: {path}{key} is missing")
         return d[key]
 
     lang = raw.get("language_config") or raw
@@ -113,14 +116,14 @@ def config_from_official(raw: dict, where: str, image_token_id: int):
     clip, sam = need(widths, CLIP_KEY, "vision_config.width."), need(widths, SAM_KEY, "vision_config.width.")
     proj = raw.get("projector_config", {})
     if proj.get("projector_type", "linear") != "linear":
-        raise CheckpointError(f"{where}: projector_config.projector_type {proj['projector_type']!r}: only 'linear' "
+        raise OfficialLayoutError(f"{where}: projector_config.projector_type {proj['projector_type']!r}: only 'linear' "
                               "(DeepSeek-OCR's) is supported")
     for key, ok in (("use_mla", False), ("norm_topk_prob", False)):
         if bool(lang.get(key, False)) != ok:
-            raise CheckpointError(f"{where}: language_config.{key} = {lang[key]!r} is not DeepSeek-OCR's decoder "
+            raise OfficialLayoutError(f"{where}: language_config.{key} = {lang[key]!r} is not DeepSeek-OCR's decoder "
                                   f"(expected {ok})")
     if lang.get("scoring_func", "softmax") != "softmax":
-        raise CheckpointError(f"{where}: language_config.scoring_func {lang['scoring_func']!r}: only softmax is supported")
+        raise OfficialLayoutError(f"{where}: language_config.scoring_func {lang['scoring_func']!r}: only softmax is supported")
     n_layers = int(need(lang, "num_hidden_layers", "language_config."))
     first_dense, freq = int(lang.get("first_k_dense_replace", 0)), int(lang.get("moe_layer_freq", 1))
     sparse = lang.get("n_routed_experts") not in (None, 0)
@@ -133,7 +136,7 @@ def config_from_official(raw: dict, where: str, image_token_id: int):
     clip_width, sam_width = int(need(clip, "width", "clip ")), int(need(sam, "width", "sam "))
     downsample = list(sam.get("downsample_channels", [512, 1024]))
     if downsample[-1] != clip_width:
-        raise CheckpointError(f"{where}: SAM's last downsample channels ({downsample[-1]}) must equal CLIP's width "
+        raise OfficialLayoutError(f"{where}: SAM's last downsample channels ({downsample[-1]}) must equal CLIP's width "
                               f"({clip_width}): SAM features are CLIP's patch embeddings")
     return DeepseekOcrConfig(
         text_config=text,
@@ -196,7 +199,7 @@ def weight_files(folder: Path) -> list[Path]:
         return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors weights (ocrtune never unpickles .bin/.pt files)")
+        raise OfficialLayoutError(f"{folder}: no *.safetensors weights (ocrtune never unpickles .bin/.pt files)")
     return files
 
 
@@ -225,7 +228,7 @@ def check_keys(expected: dict[str, tuple], got: dict[str, torch.Tensor], where: 
             if items:
                 shown = ", ".join(items[:20])
                 parts.append(f"{len(items)} {label} ({shown}{', ...' if len(items) > 20 else ''})")
-        raise CheckpointError(f"{where}: checkpoint does not match the DeepSeek-OCR architecture: " + "; ".join(parts))
+        raise OfficialLayoutError(f"{where}: checkpoint does not match the DeepSeek-OCR architecture: " + "; ".join(parts))
 
 
 def _official_name(native: str) -> str:
