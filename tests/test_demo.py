@@ -92,14 +92,14 @@ def test_demo_unknown_model_fails_before_any_work(tmp_path):
 
 
 def test_demo_for_deepseek_ocr_v1_runs_the_same_loop(tmp_path):
-    """`--family deepseek-ocr`: the same demo on the v1 tiny base (shortened: 150 lines, 20 steps)."""
+    """`--family deepseek-ocr`: the same demo on the pretrained v1 tiny base (shortened: 150 lines, 20 steps)."""
     out = tmp_path / "v1"
     proc = run_cli("demo", "--family", "deepseek-ocr", "--output", str(out), "--lines", "150", "--steps", "20",
                    "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["model"] == "builtin:tiny-random-deepseek-ocr"
-    assert report["demo"]["settings"]["model"] == "builtin:tiny-random-deepseek-ocr"
+    assert report["model"] == "builtin:tiny-deepseek-ocr"
+    assert report["demo"]["settings"]["model"] == "builtin:tiny-deepseek-ocr"
     assert set(report["systems"]) == {"base", "adapted"}
     summary = json.loads((out / "run/train_summary.json").read_text())
     assert summary["family"] == "deepseek_ocr" and summary["steps"] == 20
