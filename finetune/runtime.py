@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,11 +25,9 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
 def resolve_vision(family, processor, crop_to_patches=None, min_tiles=None, max_tiles=None, mode=None):
     """Explicit settings over the checkpoint's own; `mode` (a family's resolution mode, e.g.
     DeepSeek-OCR's tiny/small/base/large/gundam) first, then the individual knobs."""
-    import dataclasses
-
     base = family.mode_vision(processor, mode) if mode else family.default_vision(processor)
     changes = {"crop_to_patches": crop_to_patches, "min_tiles": min_tiles, "max_tiles": max_tiles}
-    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    return replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 def choose_prompt(explicit: str | None, adapter_meta: dict | None, dataset_info: dict) -> str:

@@ -41,8 +41,9 @@ def family_for_model_type(model_type: str, where: str, raw: dict | None = None) 
         return deepseek_ocr2
     if model_type == "deepseek_vl_v2":
         from finetune.models import deepseek_ocr
+        from finetune.models.deepseek_ocr_checkpoint import is_v1_config
 
-        if deepseek_ocr.is_v1_config(raw or {}):
+        if is_v1_config(raw or {}):
             return deepseek_ocr
         raise ModelNameError(
             f"{where}: model_type 'deepseek_vl_v2' without CLIP-L in vision_config.width is not DeepSeek-OCR (v1); "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,6 @@ import torch
 from PIL import Image, ImageOps
 
 MODEL_TYPE = "deepseek_ocr"
-OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
 PROCESSOR_FILE = "processor_config.json"
 IMAGE_TOKEN = "<image>"
 
@@ -84,8 +83,7 @@ class VisionSettings:
     max_tiles: int
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "base_size": self.base_size, "image_size": self.image_size, "squash": self.squash,
-                "crop_to_patches": self.crop_to_patches, "min_tiles": self.min_tiles, "max_tiles": self.max_tiles}
+        return asdict(self)
 
 
 @dataclass
@@ -256,7 +254,3 @@ def load(path: str | Path, dtype=None, device=None):
                                                pad_token_id=tok.pad_token_id)
     return model, processor
 
-
-def is_v1_config(raw: dict) -> bool:
-    """An official-layout config.json of DeepSeek-OCR v1 (CLIP-L in its vision widths)."""
-    return raw.get("model_type") == OFFICIAL_MODEL_TYPE and "clip-l-14-224" in (raw.get("vision_config") or {}).get("width", {})

@@ -10,7 +10,7 @@ processor does, plus one view separator.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +65,7 @@ class VisionSettings:
     max_tiles: int
 
     def as_dict(self) -> dict:
-        return {"crop_to_patches": self.crop_to_patches, "min_tiles": self.min_tiles, "max_tiles": self.max_tiles}
+        return asdict(self)
 
 
 def default_vision(processor) -> VisionSettings:

@@ -101,6 +101,10 @@ _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermedi
                 "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def is_v1_config(raw: dict) -> bool:
+    """An official-layout config.json of DeepSeek-OCR v1 (CLIP-L in its vision widths)."""
+    return raw.get("model_type") == OFFICIAL_MODEL_TYPE and CLIP_KEY in (raw.get("vision_config") or {}).get("width", {})
+
 def config_from_official(raw: dict, where: str, image_token_id: int):
     """The official config.json (as a dict) -> DeepseekOcrConfig; refuses variants it can't run."""
     from finetune.models.deepseek_ocr_modeling import DeepseekOcrConfig

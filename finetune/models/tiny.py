@@ -3,6 +3,7 @@
     python -m finetune.models.tiny --output finetune/builtin/tiny-random-deepseek-ocr-2
     python -m finetune.models.tiny --size ocr --output runs/tiny-pretrain/init   (then recipes/tiny_pretrain.sh)
     python -m finetune.models.tiny --family deepseek-ocr --output finetune/builtin/tiny-random-deepseek-ocr
+    python -m finetune.models.tiny --family deepseek-ocr --size ocr --output runs/tiny-pretrain-v1/init   (then recipes/tiny_pretrain_v1.sh)
 
 Real transformers classes at tiny dimensions with seeded random weights, and a
 byte-level BPE tokenizer trained here on a small fixed corpus (any UTF-8 text encodes,
@@ -283,7 +284,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="random",
                         help="random: the 0.2M-parameter test model; ocr: the init of the pretrained tiny base")
     parser.add_argument("--family", choices=["deepseek-ocr-2", "deepseek-ocr"], default="deepseek-ocr-2",
-                        help="deepseek-ocr: the v1 test model (official layout), random weights only")
+                        help="deepseek-ocr: the v1 models, written in the official layout")
     args = parser.parse_args(argv)
     if args.family == "deepseek-ocr":
         build_tiny_v1(args.output, seed=args.seed, size=args.size)
