@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import json
+import os
 import random
 import shutil
 import sys
@@ -241,36 +242,70 @@ def render_line(line: Line, domain: Domain, rng: random.Random, digits: DigitSca
     return compose(mask, rng, AUGMENTS[domain.augment]), how
 
 
-def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: bool = True,
-             max_chars: int | None = None) -> Path:
-    """Render `n` lines of a domain into OUTPUT (images/ + manifest.jsonl), atomically."""
+def _render_shard(job: tuple) -> list[dict]:
+    """Render lines [start, stop) of a domain with their own seeded RNG into `folder`/images."""
+    domain_name, rng_seed, start, stop, width, folder, max_chars, progress = job
     from tqdm.auto import tqdm
 
+    domain = DOMAINS[domain_name]
+    rng = random.Random(rng_seed)
+    digits = DigitScans() if domain.real_digit_share > 0 else None
+    rows = []
+    for i in tqdm(range(start, stop), desc=f"render {domain_name}", unit="img", disable=not progress):
+        line = random_line(rng, domain.code_share, max_chars)
+        image, how = render_line(line, domain, rng, digits)
+        rel = f"images/{i:0{width}d}.png"
+        image.save(Path(folder) / rel)
+        group = f"digits-shard-{how['digits_shard']}" if "digits_shard" in how else f"{domain_name}-{i:0{width}d}"
+        rows.append({"image": rel, "markdown": line.markdown, "id": f"{domain_name}-{i:0{width}d}", "group": group,
+                     "domain": domain_name, **how})
+    return rows
+
+
+def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: bool = True,
+             max_chars: int | None = None, shards: int = 1, workers: int | None = None) -> Path:
+    """Render `n` lines of a domain into OUTPUT (images/ + manifest.jsonl), atomically.
+
+    `shards` > 1 cuts the lines into that many consecutive blocks, each drawn from its own
+    RNG seeded by (seed, shard), and renders them on `workers` processes (default: one per
+    core). The pixels depend on (seed, n, shards) only, never on the number of workers;
+    `shards=1` is one RNG seeded by `seed`, as before shards existed.
+    """
     if domain_name not in DOMAINS:
         raise ValueError(f"--domain {domain_name!r}: choose one of {', '.join(DOMAINS)}")
     if n < 1:
         raise ValueError(f"--n {n}: must be at least 1")
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"--max-chars {max_chars}: must be at least 1")
-    domain = DOMAINS[domain_name]
+    if not 1 <= shards <= n:
+        raise ValueError(f"--shards {shards}: choose 1 to --n ({n})")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers {workers}: must be at least 1")
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"--output {output} already exists")
-    rng = random.Random(seed)
-    digits = DigitScans() if domain.real_digit_share > 0 else None
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:  # a failed or interrupted render leaves nothing behind
         (staging / "images").mkdir()
-        rows = []
-        for i in tqdm(range(n), desc=f"render {domain_name}", unit="img", disable=not progress):
-            line = random_line(rng, domain.code_share, max_chars)
-            image, how = render_line(line, domain, rng, digits)
-            rel = f"images/{i:05d}.png"
-            image.save(staging / rel)
-            group = f"digits-shard-{how['digits_shard']}" if "digits_shard" in how else f"{domain_name}-{i:05d}"
-            rows.append({"image": rel, "markdown": line.markdown, "id": f"{domain_name}-{i:05d}", "group": group,
-                         "domain": domain_name, **how})
+        width = max(5, len(str(n - 1)))  # ids and file names sort in line order
+        if shards == 1:
+            rows = _render_shard((domain_name, seed, 0, n, width, str(staging), max_chars, progress))
+        else:
+            # str seeds are hashed deterministically (not by PYTHONHASHSEED)
+            bounds = [n * k // shards for k in range(shards + 1)]
+            jobs = [(domain_name, f"{seed}:{k}", bounds[k], bounds[k + 1], width, str(staging), max_chars,
+                     False)
+                    for k in range(shards)]
+            import multiprocessing
+
+            procs = min(workers or os.cpu_count() or 1, shards)
+            if procs == 1:
+                parts = [_render_shard(job) for job in jobs]
+            else:
+                with multiprocessing.get_context("spawn").Pool(procs) as pool:
+                    parts = pool.map(_render_shard, jobs)
+            rows = [row for part in parts for row in part]
         (staging / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         replace_dir(staging, output)
     finally:
@@ -285,9 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--max-chars", type=int, default=None, help="only lines of at most this many characters")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="blocks of lines with their own seeded RNG, rendered in parallel (output depends on it)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes rendering the shards (default one per core; output does not depend on it)")
     args = parser.parse_args(argv)
     try:
-        generate(args.domain, args.n, args.seed, args.output, max_chars=args.max_chars)
+        generate(args.domain, args.n, args.seed, args.output, max_chars=args.max_chars, shards=args.shards,
+                 workers=args.workers)
     except (ValueError, FileExistsError, FontError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -218,6 +218,10 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         sampler=sampler,
         collate_fn=lambda examples: builder.collate(examples, padding_side="right"),
         num_workers=t.num_workers,
+        # Workers live across epochs: on a GPU a short epoch otherwise waits for N fresh
+        # processes; pinned pages copy to the GPU without a staging copy.
+        persistent_workers=t.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)

@@ -79,6 +79,24 @@ def test_generate_is_reproducible_and_seed_dependent(tmp_path):
         generate("handwriting", 2, 5, tmp_path / "a", progress=False)
 
 
+def test_shards_render_in_parallel_and_depend_on_shards_not_workers(tmp_path):
+    one = generate("handwriting", 30, 5, tmp_path / "one", progress=False)
+    par = generate("handwriting", 30, 5, tmp_path / "par", progress=False, shards=3, workers=3)
+    seq = generate("handwriting", 30, 5, tmp_path / "seq", progress=False, shards=3, workers=1)
+    manifest = lambda d: (d / "manifest.jsonl").read_text()  # noqa: E731
+    assert manifest(par) == manifest(seq)
+    assert all((par / f"images/{i:05d}.png").read_bytes() == (seq / f"images/{i:05d}.png").read_bytes()
+               for i in range(30))
+    # shard 0 has its own RNG, seeded by (seed, 0): not the single-stream lines
+    assert manifest(par) != manifest(one)
+    rows = [json.loads(x) for x in manifest(par).splitlines()]
+    assert [r["id"] for r in rows] == [f"handwriting-{i:05d}" for i in range(30)]
+    assert sorted(p.name for p in (par / "images").iterdir()) == [f"{i:05d}.png" for i in range(30)]
+    with pytest.raises(ValueError, match="--shards 31"):
+        generate("handwriting", 30, 5, tmp_path / "bad", progress=False, shards=31)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_digit_scans_shards_cover_every_digit_and_partition_the_set():
     scans = DigitScans()
     seen = [i for shard in scans.shards for i in shard]
