@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Purpose:   pretrain builtin:tiny-deepseek-ocr-2, the demo's future base: a 1.4M-parameter model of
-#            the DeepSeek-OCR-2 architecture (real transformers classes) meant to read printed lines.
-# Status:    DOES NOT CONVERGE YET (issue 3). 2,000 of the 3,000 steps left the loss at 2.3-2.7 per
-#            token, the language prior; a 400-step run wrote nearly the same line for every printed
-#            test line (CER 95%). A frozen random vision tower and short lines (<= 6 characters) did
-#            not start reading within 300 steps either.
+# Purpose:   pretrain builtin:tiny-deepseek-ocr-2 on 2 CPU cores: a 1.4M-parameter model of the DeepSeek-OCR-2
+#            architecture (real transformers classes) meant to read printed lines. The SHIPPED base was
+#            trained on a GPU by recipes/tiny_pretrain_gpu.sh (same model and config, batch 128, 2,100 steps:
+#            33.1% CER on held-out printed lines), which a 2-core CPU cannot reach in an hour.
+# Status:    on a CPU this DOES NOT GET PAST THE PRIOR in its budget: 2,000 of the 3,000 steps at batch 16 left
+#            the loss at 2.3-2.7 per token (the GPU run left that plateau only after ~1,100 steps of 96-128
+#            lines, i.e. >100,000 samples; this run sees 48,000).
 # Data:      12,000 printed synthetic lines (40% random codes; dates, amounts, phones, names, **Label:** fields) in
 #            matplotlib's DejaVu/STIX fonts with light scan augmentation; seed 0.
 # Hardware:  2 CPU cores, no GPU, no network.

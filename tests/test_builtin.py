@@ -1,5 +1,7 @@
-"""The shipped tiny model is exactly what its build script makes (so it can be regenerated)."""
+"""The shipped tiny models: the random test model is exactly what its build script makes (so it can be
+regenerated); the pretrained bases read printed text they never saw."""
 
+import pytest
 from safetensors.torch import load_file
 import torch
 
@@ -15,21 +17,26 @@ def test_tiny_random_regenerates_identically(tmp_path):
     assert (shipped / "tokenizer.json").read_text() == (tmp_path / "m" / "tokenizer.json").read_text()
 
 
-def test_pretrained_v1_base_reads_printed_lines_it_never_saw(tmp_path):
-    """builtin:tiny-deepseek-ocr is a printed-text reader, not a random model: on freshly rendered
-    printed lines (seed 12345; its pretraining used seed 1) its corpus CER stays far under 100%
-    (28.1% on these 60 test lines, 32.6% on its own 240-line test split; builtin:tiny-random-deepseek-ocr: 772%)."""
+# The bound each shipped base is held to on 60 fresh printed lines; measured with the shipped
+# weights: v1 11.4%, OCR-2 32.8% (builtin:tiny-random-deepseek-ocr gives 772% on the same lines).
+READERS = {"tiny-deepseek-ocr": 0.3, "tiny-deepseek-ocr-2": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_pretrained_bases_read_printed_lines_they_never_saw(tmp_path, name):
+    """The shipped bases are printed-text readers, not random models: on freshly rendered printed
+    lines (seed 12345; their pretraining used seed 2) their corpus CER stays far under 100%."""
     from data_prep.build import build_dataset
     from data_prep.synthetic import generate
     from finetune.evaluate import evaluate
 
-    shipped = BUILTIN_DIR / "tiny-deepseek-ocr"
+    shipped = BUILTIN_DIR / name
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 25 * 2**20  # the issue's package budget
     generate("printed", 120, 12345, tmp_path / "scans", progress=False)
     build_dataset("manifest", tmp_path / "scans" / "manifest.jsonl", tmp_path / "data", val_fraction=0.05,
                   test_fraction=0.5, seed=0, overwrite=True, progress=False)
-    report = evaluate("builtin:tiny-deepseek-ocr", tmp_path / "data", tmp_path / "eval", batch_size=32,
+    report = evaluate(f"builtin:{name}", tmp_path / "data", tmp_path / "eval", batch_size=32,
                       max_new_tokens=48, progress=False)
     base = report["systems"]["base"]
     assert base["n"] >= 50
-    assert base["cer"] < 0.5, base["cer"]
+    assert base["cer"] < READERS[name], base["cer"]

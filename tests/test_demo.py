@@ -16,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    proc = run_cli("demo", "--output", str(out), "--lines", "500", "--steps", "80", "--no-progress")
+    proc = run_cli("demo", "--output", str(out), "--lines", "500", "--steps", "160", "--no-progress")
     return {"out": out, "proc": proc}
 
 
@@ -44,7 +44,7 @@ def test_demo_report_structure_and_recomputation(demo):
     out = demo["out"]
     report = json.loads((out / "report.json").read_text())
     assert set(report["systems"]) == {"base", "adapted"}
-    assert report["model"] == "builtin:tiny-random-deepseek-ocr-2"
+    assert report["model"] == "builtin:tiny-deepseek-ocr"
     c = report["comparison"]
     assert c["cer_delta"] == pytest.approx(report["systems"]["adapted"]["cer"] - report["systems"]["base"]["cer"])
     lo, hi = c["cer_delta_ci95"]
@@ -62,6 +62,19 @@ def test_demo_report_structure_and_recomputation(demo):
     assert before == {r["id"]: r["predictions"]["base"] for r in rows}
 
 
+def test_shortened_demo_adapter_lowers_cer(demo):
+    """500 lines, 160 steps: lower, by a little (80 steps measured 78.21% -> 76.40%); the full demo's
+    CI is checked by the slow test below."""
+    report = json.loads((demo["out"] / "report.json").read_text())
+    assert report["systems"]["adapted"]["cer"] < report["systems"]["base"]["cer"]
+
+
+def test_demo_adapter_changes_what_the_base_reads(demo):
+    rows = [json.loads(x) for x in (demo["out"] / "predictions.jsonl").read_text().splitlines()]
+    changed = sum(r["predictions"]["adapted"] != r["predictions"]["base"] for r in rows)
+    assert changed >= len(rows) // 4, (changed, len(rows))  # the adapter is loaded and applied
+
+
 def test_demo_test_lines_never_seen_in_training(demo):
     data = load_from_disk(str(demo["out"] / "data"))
     train_ids, test_ids = set(data["train"]["id"]), set(data["test"]["id"])
@@ -69,8 +82,16 @@ def test_demo_test_lines_never_seen_in_training(demo):
     assert not set(data["train"]["group"]) & set(data["test"]["group"])  # digit-scan shards stay in one split
 
 
-def test_demo_adapter_lowers_cer(demo):
-    report = json.loads((demo["out"] / "report.json").read_text())
+@pytest.mark.slow
+def test_full_demo_adapter_lowers_cer(tmp_path):
+    """The demo as shipped (2,000 lines, 600 steps, ~2.5 min on 2 cores): the adapter lowers the
+    reading base's CER and the CI's upper end is below 0 (measured: 76.63% -> 59.89%, CI [-20.80, -11.04];
+    with --family deepseek-ocr-2: 71.05% -> 67.84%, CI [-6.00, -0.51])."""
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--output", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "builtin:tiny-deepseek-ocr" and report["systems"]["base"]["n"] >= 100
     assert report["systems"]["adapted"]["cer"] < report["systems"]["base"]["cer"]
     assert report["comparison"]["cer_delta_ci95"][1] < 0
 
@@ -91,15 +112,15 @@ def test_demo_unknown_model_fails_before_any_work(tmp_path):
     assert not out.exists()
 
 
-def test_demo_for_deepseek_ocr_v1_runs_the_same_loop(tmp_path):
-    """`--family deepseek-ocr`: the same demo on the pretrained v1 tiny base (shortened: 150 lines, 20 steps)."""
-    out = tmp_path / "v1"
-    proc = run_cli("demo", "--family", "deepseek-ocr", "--output", str(out), "--lines", "150", "--steps", "20",
+def test_demo_for_deepseek_ocr2_runs_the_same_loop(tmp_path):
+    """`--family deepseek-ocr-2`: the same demo on the pretrained OCR-2 tiny base (shortened: 150 lines, 20 steps)."""
+    out = tmp_path / "ocr2"
+    proc = run_cli("demo", "--family", "deepseek-ocr-2", "--output", str(out), "--lines", "150", "--steps", "20",
                    "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["model"] == "builtin:tiny-deepseek-ocr"
-    assert report["demo"]["settings"]["model"] == "builtin:tiny-deepseek-ocr"
+    assert report["model"] == "builtin:tiny-deepseek-ocr-2"
+    assert report["demo"]["settings"]["model"] == "builtin:tiny-deepseek-ocr-2"
     assert set(report["systems"]) == {"base", "adapted"}
     summary = json.loads((out / "run/train_summary.json").read_text())
-    assert summary["family"] == "deepseek_ocr" and summary["steps"] == 20
+    assert summary["family"] == "deepseek_ocr2" and summary["steps"] == 20

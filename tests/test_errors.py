@@ -29,7 +29,7 @@ def test_unknown_model_name(tmp_path):
                    str(tmp_path / "data"), "--no-progress").returncode == 0
     p = run_cli("eval", "--model", "builtin:no-such-model", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"))
     assert p.returncode == 2
-    assert "unknown model 'builtin:no-such-model': builtin models are builtin:tiny-deepseek-ocr, builtin:tiny-random-deepseek-ocr, builtin:tiny-random-deepseek-ocr-2" in p.stderr
+    assert "unknown model 'builtin:no-such-model': builtin models are builtin:tiny-deepseek-ocr, builtin:tiny-deepseek-ocr-2, builtin:tiny-random-deepseek-ocr, builtin:tiny-random-deepseek-ocr-2" in p.stderr
     assert not (tmp_path / "out").exists()
     p = run_cli("eval", "--model", "not a model", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"))
     assert p.returncode == 2 and "unknown model 'not a model'" in p.stderr
