@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -297,8 +298,6 @@ def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: 
             jobs = [(domain_name, f"{seed}:{k}", bounds[k], bounds[k + 1], width, str(staging), max_chars,
                      False)
                     for k in range(shards)]
-            import multiprocessing
-
             procs = min(workers or os.cpu_count() or 1, shards)
             if procs == 1:
                 parts = [_render_shard(job) for job in jobs]

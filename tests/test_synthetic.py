@@ -128,6 +128,10 @@ def test_synthetic_cli_errors_exit_2(tmp_path):
     (tmp_path / "y").mkdir()
     exists = run("--domain", "printed", "--n", "2", "--output", str(tmp_path / "y"))
     assert exists.returncode == 2 and "already exists" in exists.stderr
+    workers = run("--domain", "printed", "--n", "4", "--shards", "2", "--workers", "0", "--output", str(tmp_path / "w"))
+    assert workers.returncode == 2 and "--workers 0" in workers.stderr and not (tmp_path / "w").exists()
+    shards = run("--domain", "printed", "--n", "4", "--shards", "0", "--output", str(tmp_path / "s"))
+    assert shards.returncode == 2 and "--shards 0" in shards.stderr and not (tmp_path / "s").exists()
 
 
 def test_max_chars_keeps_only_short_lines(tmp_path):
