@@ -39,6 +39,14 @@ BOLD_FONTS = (
     "matplotlib:DejaVuSansMono-Bold.ttf",
     "matplotlib:STIXGeneralBol.ttf",
 )
+# Printed typefaces from Google Fonts, packaged on PyPI by fontpkg: serif, sans, slab, mono and
+# condensed faces, so a base pretrained on them learns letter shapes rather than one family's quirks.
+TYPESET_FONTS = tuple(
+    f"package:fontpkg_{name}"
+    for name in ("arimo", "bitter", "crimson_text", "eb_garamond", "inconsolata", "libre_baskerville", "nunito",
+                 "open_sans", "oswald", "pt_sans", "pt_serif", "roboto", "roboto_slab", "source_serif_4",
+                 "space_mono")
+)
 # Hand-drawn fonts published on PyPI (dependencies of ocrtune, for the demo domain).
 HANDWRITING_FONTS = (
     "package:font_intuitive",

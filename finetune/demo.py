@@ -7,7 +7,7 @@
 2. build a grouped, leakage-checked dataset from them with data_prep (manifest source);
 3. evaluate the base model (the recipe's model.name, or --model) on the test split;
 4. train a LoRA adapter with the same entry point GPU users run
-   (`python -m finetune.train configs/runs/demo_handwriting.yaml`);
+   (`python -m finetune.train configs/runs/demo_handwriting.yaml`; OCR-2: demo_handwriting_ocr2.yaml);
 5. evaluate base and adapter on the held-out test split, with a paired bootstrap CI;
    plot per-page CER before/after and the loss curve.
 
@@ -32,22 +32,35 @@ class DemoError(RuntimeError):
     pass
 
 
-# The base each model family's demo starts from when --model is not given (None = the
-# recipe's model.name, builtin:tiny-deepseek-ocr). Both read printed lines: they were pretrained
-# on a GPU by recipes/tiny_pretrain_gpu.sh (CERs on held-out printed lines in its header). v1 is
-# the default: its base reads printed text better (15.0% vs 33.1%), adapts further on the demo's
-# handwriting (-16.7 vs -3.2 points) and trains ~2x faster per step on a CPU.
-FAMILY_BASES = {"deepseek-ocr": None, "deepseek-ocr-2": "builtin:tiny-deepseek-ocr-2"}
+@dataclass(frozen=True)
+class FamilyDemo:
+    """What the demo of one model family runs: its recipe config (whose model.name is the
+    family's shipped tiny base), how many lines it renders and the share held out for test."""
+
+    recipe: str  # under configs/
+    lines: int
+    test_fraction: float
+
+
+# v1 is the default: its base reads printed scans far better (12.1% vs OCR-2's printed-only
+# pretraining) and its steps cost half as much on a CPU, so its 5 minutes buy 10,000 lines and
+# 900 steps; OCR-2's buy 2,000 lines and 600 steps. Both keep ~300-400 test lines.
+FAMILIES = {
+    "deepseek-ocr": FamilyDemo("runs/demo_handwriting.yaml", lines=10000, test_fraction=0.04),
+    "deepseek-ocr-2": FamilyDemo("runs/demo_handwriting_ocr2.yaml", lines=2000, test_fraction=0.15),
+}
+RENDER_SHARDS = 4  # blocks rendered in parallel; fixed so every machine renders the same pixels
 
 
 @dataclass
 class DemoSettings:
     output: str = "runs/demo"
-    lines: int = 2000  # rendered handwriting lines; the test split gets ~15% (~300)
-    test_fraction: float = 0.15
+    family: str = "deepseek-ocr"  # picks the recipe config and its base (FAMILIES)
+    lines: int | None = None  # rendered handwriting lines; None = the family's (FAMILIES)
+    test_fraction: float | None = None  # None = the family's
     val_fraction: float = 0.02
     steps: int | None = None  # None = the recipe config's train.max_steps
-    model: str | None = None  # None = the recipe config's model.name
+    model: str | None = None  # None = the recipe config's model.name (the family's tiny base)
     seed: int = 0  # rendering, split and training all follow it
     eval_batch_size: int = 32
     max_new_tokens: int = 48  # lines are short; a runaway base output stops here
@@ -100,7 +113,16 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     out = Path(s.output)
     if out.exists() and any(out.iterdir()) and not s.overwrite:
         raise DemoError(f"--output {out} already exists and is not empty; pass --overwrite or choose another folder")
-    recipe = shipped_config("runs/demo_handwriting.yaml")
+    if s.family not in FAMILIES:
+        raise DemoError(f"--family {s.family!r}: choose one of {', '.join(FAMILIES)}")
+    fam = FAMILIES[s.family]
+    lines = fam.lines if s.lines is None else s.lines
+    test_fraction = fam.test_fraction if s.test_fraction is None else s.test_fraction
+    if lines < 1:
+        raise DemoError(f"--lines {lines}: must be at least 1")
+    if not 0 < test_fraction < 1:
+        raise DemoError(f"--test-fraction {test_fraction}: must be between 0 and 1")
+    recipe = shipped_config(fam.recipe)
     overrides = [f"data.path={out / 'data'}", f"output_dir={out / 'run'}", f"train.seed={s.seed}"]
     if s.model is not None:
         overrides.append(f"model.name={s.model}")
@@ -113,18 +135,18 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     started = time.perf_counter()
     timings = {}
 
-    t0 = _step(1, f"render {s.lines} handwritten lines -> {out / 'scans'}")
+    t0 = _step(1, f"render {lines} handwritten lines -> {out / 'scans'}")
     scans = out / "scans"
     if scans.exists():  # only with --overwrite: a non-empty --output was refused above
         shutil.rmtree(scans)
-    generate("handwriting", s.lines, s.seed, scans, progress=progress)
+    generate("handwriting", lines, s.seed, scans, progress=progress, shards=min(RENDER_SHARDS, lines))
     timings["render_s"] = time.perf_counter() - t0
     _done(t0)
 
     t0 = _step(2, f"build the dataset (grouped split, leakage check) -> {out / 'data'}")
     try:
         built = build_dataset("manifest", scans / "manifest.jsonl", out / "data", val_fraction=s.val_fraction,
-                              test_fraction=s.test_fraction, seed=s.seed, overwrite=True, progress=progress)
+                              test_fraction=test_fraction, seed=s.seed, overwrite=True, progress=progress)
     except BuildError as exc:
         raise DemoError(str(exc)) from None
     counts = built.report["counts"]
@@ -157,7 +179,8 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     _done(t0)
 
     timings["total_s"] = time.perf_counter() - started
-    report["demo"] = {"settings": {f.name: getattr(s, f.name) for f in fields(s)}, "counts": counts,
+    settings = {f.name: getattr(s, f.name) for f in fields(s)} | {"lines": lines, "test_fraction": test_fraction}
+    report["demo"] = {"settings": settings, "counts": counts,
                       "timings": timings, "recipe": str(recipe)}
     write_report(out, report)
     print("\n" + format_table(report))
@@ -170,17 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     d = DemoSettings()
     parser = argparse.ArgumentParser(prog="ocrtune demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=d.output, help="folder for everything the demo writes")
-    parser.add_argument("--lines", type=int, default=d.lines, help="handwritten lines to render (all splits)")
+    parser.add_argument("--lines", type=int, default=d.lines,
+                        help="handwritten lines to render, all splits (default: the family's, 10,000 for v1)")
+    parser.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                        help="share of the lines held out for the before/after test (default: the family's)")
     parser.add_argument("--steps", type=int, default=d.steps, help="training steps (default: the recipe's)")
     parser.add_argument("--model", default=d.model, help="base model (default: the recipe's model.name)")
-    parser.add_argument("--family", choices=sorted(FAMILY_BASES), default="deepseek-ocr",
-                        help="which architecture's tiny base to adapt when --model is not given")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=d.family,
+                        help="which architecture's tiny base and demo recipe (configs/runs/demo_handwriting*.yaml)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--overwrite", action="store_true", help="reuse a non-empty --output folder")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    settings = DemoSettings(output=args.output, lines=args.lines, steps=args.steps,
-                            model=args.model or FAMILY_BASES[args.family], seed=args.seed, overwrite=args.overwrite)
+    settings = DemoSettings(output=args.output, family=args.family, lines=args.lines,
+                            test_fraction=args.test_fraction, steps=args.steps,
+                            model=args.model, seed=args.seed, overwrite=args.overwrite)
     from finetune.config import ConfigError
     from finetune.evaluate import EvalError
     from finetune.models import ModelNameError

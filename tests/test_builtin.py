@@ -17,13 +17,18 @@ def test_tiny_random_regenerates_identically(tmp_path):
     assert (shipped / "tokenizer.json").read_text() == (tmp_path / "m" / "tokenizer.json").read_text()
 
 
-# The bound each shipped base is held to on 60 fresh printed lines; measured with the shipped
-# weights: v1 11.4%, OCR-2 32.8% (builtin:tiny-random-deepseek-ocr gives 772% on the same lines).
-READERS = {"tiny-deepseek-ocr": 0.3, "tiny-deepseek-ocr-2": 0.5}
+# The bound each shipped base is held to on 60 fresh lines of a printed domain; measured with the
+# shipped weights: v1 6.98% (printed) and 11.24% (printed-scan: the degraded print of its
+# second pretraining stage), OCR-2 32.8% (printed; builtin:tiny-random-deepseek-ocr gives 772%).
+READERS = {
+    ("tiny-deepseek-ocr", "printed"): 0.25,
+    ("tiny-deepseek-ocr", "printed-scan"): 0.3,
+    ("tiny-deepseek-ocr-2", "printed"): 0.5,
+}
 
 
-@pytest.mark.parametrize("name", sorted(READERS))
-def test_pretrained_bases_read_printed_lines_they_never_saw(tmp_path, name):
+@pytest.mark.parametrize("name, domain", sorted(READERS))
+def test_pretrained_bases_read_printed_lines_they_never_saw(tmp_path, name, domain):
     """The shipped bases are printed-text readers, not random models: on freshly rendered printed
     lines (seed 12345; their pretraining used seed 2) their corpus CER stays far under 100%."""
     from data_prep.build import build_dataset
@@ -32,11 +37,11 @@ def test_pretrained_bases_read_printed_lines_they_never_saw(tmp_path, name):
 
     shipped = BUILTIN_DIR / name
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 25 * 2**20  # the issue's package budget
-    generate("printed", 120, 12345, tmp_path / "scans", progress=False)
+    generate(domain, 120, 12345, tmp_path / "scans", progress=False)
     build_dataset("manifest", tmp_path / "scans" / "manifest.jsonl", tmp_path / "data", val_fraction=0.05,
                   test_fraction=0.5, seed=0, overwrite=True, progress=False)
     report = evaluate(f"builtin:{name}", tmp_path / "data", tmp_path / "eval", batch_size=32,
                       max_new_tokens=48, progress=False)
     base = report["systems"]["base"]
     assert base["n"] >= 50
-    assert base["cer"] < READERS[name], base["cer"]
+    assert base["cer"] < READERS[name, domain], base["cer"]
