@@ -87,7 +87,7 @@ def test_demo_test_lines_never_seen_in_training(demo):
 def test_full_demo_adapter_lowers_cer(tmp_path):
     """The demo as shipped (10,000 lines, 900 steps, ~4 min on 2 cores): the adapter lowers the
     reading base's CER and the CI's upper end is below 0 (measured: 53.59% -> 34.84%, CI [-21.96, -15.62];
-    with --family deepseek-ocr-2, before the v1 changes: 71.05% -> 67.84%, CI [-6.00, -0.51])."""
+    with --family deepseek-ocr-2: 78.29% -> 73.49%, CI [-7.79, -1.51])."""
     out = tmp_path / "demo"
     proc = run_cli("demo", "--output", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
