@@ -17,6 +17,7 @@ from data_prep.render import (
     BOLD_FONTS,
     HANDWRITING_FONTS,
     PRINTED_FONTS,
+    TYPESET_FONTS,
     FontError,
     Span,
     compose,
@@ -27,7 +28,7 @@ from data_prep.render import (
 from data_prep.synthetic import DigitScans, generate
 
 
-@pytest.mark.parametrize("spec", PRINTED_FONTS + BOLD_FONTS + HANDWRITING_FONTS)
+@pytest.mark.parametrize("spec", PRINTED_FONTS + TYPESET_FONTS + BOLD_FONTS + HANDWRITING_FONTS)
 def test_every_shipped_font_spec_resolves_to_files(spec):
     files = font_files(spec)
     assert files and all(f.is_file() and f.suffix.lower() in (".ttf", ".otf") for f in files)
