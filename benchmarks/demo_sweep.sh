@@ -33,7 +33,7 @@ SETTINGS=(
   "k|12000|train.max_steps=1500 lora.r=64 lora.alpha=128 train.lr=3e-3"
   "m|12000|train.max_steps=1500 lora.r=32 lora.alpha=64 train.lr=3e-3"
 )
-want() { [ $# -eq 0 ] && return 0; local n; for n in "${NAMES[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
+want() { local n; for n in "${NAMES[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
 NAMES=("$@")
 chosen=()
 for s in "${SETTINGS[@]}"; do

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.atomic import replace_dir
+from data_prep.images import encode_png
 from data_prep.render import (
     AUGMENTS,
     BOLD_FONTS,
@@ -263,8 +264,7 @@ def _render_shard(job: tuple) -> list[dict]:
         line = random_line(rng, domain.code_share, max_chars)
         image, how = render_line(line, domain, rng, digits)
         rel = f"images/{i:0{width}d}.png"
-        # zlib level 1: noisy scans barely compress further at 6, which takes 3x longer to write
-        image.save(Path(folder) / rel, compress_level=1)
+        (Path(folder) / rel).write_bytes(encode_png(image))
         group = f"digits-shard-{how['digits_shard']}" if "digits_shard" in how else f"{domain_name}-{i:0{width}d}"
         rows.append({"image": rel, "markdown": line.markdown, "id": f"{domain_name}-{i:0{width}d}", "group": group,
                      "domain": domain_name, **how})

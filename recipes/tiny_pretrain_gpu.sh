@@ -14,7 +14,7 @@
 # Wall time: one H100 80GB, 2026-11-22, batch 128, float32 (the shipped bases):
 #   builtin:tiny-deepseek-ocr-2  FAMILIES="ocr2 v1" TRAIN_S=300 (N_PRINTED=64000): the probe gave 2,100 steps
 #            (exactly: STEPS_OCR2=2100); 324 s of training at 0.154 s/step beside the v1 run; final loss 0.65.
-#   builtin:tiny-deepseek-ocr    two stages. (1) FAMILIES=v1 STEPS_V1=1500 N_PRINTED=24000 OUT=runs/pt1: 230 s
+#   builtin:tiny-deepseek-ocr    two stages. (1) FAMILIES=v1 STEPS_V1=1500 N_PRINTED=24000, OUT_DIR runs/pt1: 230 s
 #            of training, loss 0.23 (14.95% CER on 120 held-out printed lines, but 52% on printed lines
 #            under scan degradation). (2) FAMILIES=v1 DOMAIN=printed-scan N_PRINTED=40000 STEPS_V1=2000
 #            V1_FROM=runs/pt1/v1/model LR_V1=1e-3 WARMUP_V1=100: 420 s of training beside a from-scratch

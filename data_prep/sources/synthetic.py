@@ -14,7 +14,6 @@ demo's handwriting domain (data_prep.synthetic).
 
 from __future__ import annotations
 
-import io
 import random
 import re
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_prep.images import encode_png
 from data_prep.render import AUGMENTS, BOLD_FONTS, PRINTED_FONTS, FontError, Span, compose, pick_font, text_mask
 from data_prep.schema import Candidate
 from data_prep.text import TextError, clean_text, read_transcript
@@ -97,8 +97,6 @@ def iter_synthetic(corpus: Path, fonts: tuple[str, ...] = PRINTED_FONTS, augment
             cand.problem = f"{corpus.name} sample {i}: {exc}"
             yield cand
             continue
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)  # noisy scans: level 6 is 3x slower, no smaller
-        cand.image_bytes = buf.getvalue()
+        cand.image_bytes = encode_png(image)
         cand.meta.update(how)
         yield cand
