@@ -42,8 +42,8 @@ class FamilyDemo:
     test_fraction: float
 
 
-# v1 is the default: its base reads printed scans far better (12.1% vs OCR-2's printed-only
-# pretraining) and its steps cost half as much on a CPU, so its 5 minutes buy 10,000 lines and
+# v1 is the default: its base reads printed scans far better (11.4% CER on printed-scan lines;
+# OCR-2 was pretrained on light print only) and its steps cost half as much on a CPU, so its 5 minutes buy 10,000 lines and
 # 900 steps; OCR-2's buy 2,000 lines and 600 steps. Both keep ~300-400 test lines.
 FAMILIES = {
     "deepseek-ocr": FamilyDemo("runs/demo_handwriting.yaml", lines=10000, test_fraction=0.04),

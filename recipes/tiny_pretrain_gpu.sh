@@ -15,15 +15,16 @@
 #   builtin:tiny-deepseek-ocr-2  FAMILIES="ocr2 v1" TRAIN_S=300 (N_PRINTED=64000): the probe gave 2,100 steps
 #            (exactly: STEPS_OCR2=2100); 324 s of training at 0.154 s/step beside the v1 run; final loss 0.65.
 #   builtin:tiny-deepseek-ocr    two stages. (1) FAMILIES=v1 STEPS_V1=1500 N_PRINTED=24000, OUT_DIR runs/pt1: 230 s
-#            of training, loss 0.23 (14.95% CER on 120 held-out printed lines, but 52% on printed lines
-#            under scan degradation). (2) FAMILIES=v1 DOMAIN=printed-scan N_PRINTED=40000 STEPS_V1=2000
+#            of training, loss 0.23 (14.95% CER on 120 held-out printed lines, but 55.5% on printed-scan
+#            lines). (2) FAMILIES=v1 DOMAIN=printed-scan N_PRINTED=40000 STEPS_V1=2000
 #            V1_FROM=runs/pt1/v1/model LR_V1=1e-3 WARMUP_V1=100: 420 s of training beside a from-scratch
 #            twin (0.21 s/step), final loss 0.12. The same 2,000 steps from the seeded init ended at loss
 #            0.54 and read worse everywhere (28.5% printed, 64.7% handwriting): stage 1 is worth keeping.
 #            Rendering and building took ~60 s before stage 1 and ~150 s before stage 2.
 # Metric:    corpus CER, OCR-2: 33.13% on 320 held-out printed lines, 71.09% on the demo's handwriting
-#            (154 lines). v1 (after stage 2; 200 fresh lines each, seed 777, `ocrtune eval`): printed
-#            9.18%, printed-scan 12.14%, the demo's handwriting 55.38% (before stage 2: 13.22 / 51.83 / 79.54%).
+#            (154 lines). v1 (after stage 2; 198 fresh lines each, seed 777,
+#            benchmarks/base_domains.sh): printed 9.13%, printed-scan 11.37%, the demo's handwriting 56.22%
+#            (before stage 2: 13.16 / 55.49 / 79.93%).
 #            The same recipe on 2 CPU cores: recipes/tiny_pretrain.sh / tiny_pretrain_v1.sh (slower, weaker).
 # Reproduce: bash recipes/tiny_pretrain_gpu.sh [OUT_DIR] with the settings above; copy OUT_DIR/ocr2/model to
 #            finetune/builtin/tiny-deepseek-ocr-2 and OUT_DIR/v1/model to finetune/builtin/tiny-deepseek-ocr.
