@@ -32,6 +32,16 @@ SETTINGS=(
   "h|6000|train.max_steps=1200 lora.r=16 lora.alpha=32 train.lr=6e-3"
   "k|12000|train.max_steps=1500 lora.r=64 lora.alpha=128 train.lr=3e-3"
   "m|12000|train.max_steps=1500 lora.r=32 lora.alpha=64 train.lr=3e-3"
+  # session 9, capital-letter labels for capitals-only fonts and size-stratified splits: what
+  # fits the CPU demo's ~3 minutes of training (<= ~1,000 steps of 16 lines)
+  "p0|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3"
+  "p1|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=6e-3"
+  "p2|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=8e-3"
+  "p3|12000|train.max_steps=900 lora.r=32 lora.alpha=128 train.lr=4e-3"
+  "p4|12000|train.max_steps=900 lora.r=64 lora.alpha=128 train.lr=4e-3"
+  "p5|12000|train.max_steps=1050 lora.r=32 lora.alpha=64 train.lr=4e-3"
+  "p6|12000|train.max_steps=600 train.batch_size=24 lora.r=32 lora.alpha=64 train.lr=6e-3"
+  "p7|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3 train.warmup_steps=80"
 )
 want() { local n; for n in "${NAMES[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
 NAMES=("$@")

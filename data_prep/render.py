@@ -54,6 +54,10 @@ HANDWRITING_FONTS = (
     "package:fontpkg_dancing_script",
     "package:fontpkg_permanent_marker",
 )
+# Fonts that draw lowercase letters as capitals (Amatic SC as small capitals, Permanent Marker
+# as capitals): a line written in one reads as capitals, so its Markdown must say capitals;
+# a mixed-case target would ask the model for a case the page does not show.
+CAPITALS_ONLY = ("package:font_amatic_sc", "package:fontpkg_permanent_marker")
 
 
 class FontError(ValueError):
@@ -111,6 +115,11 @@ def covers(path: Path, text: str) -> bool:
 @functools.lru_cache(maxsize=256)
 def _font(path: Path, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(path), size)
+
+
+def capitals_only(font: Path) -> bool:
+    """Whether `font` is one of CAPITALS_ONLY's files."""
+    return any(font in font_files(spec) for spec in CAPITALS_ONLY)
 
 
 def pick_font(rng: random.Random, specs: tuple[str, ...], text: str) -> Path:

@@ -75,28 +75,44 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
+def _size_class(n: int) -> int:
+    """Singletons, 2-9, 10-99, 100-999, ... records."""
+    return 0 if n == 1 else len(str(n))
+
+
 def assign_splits(groups: list[str], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """'train' / 'validation' / 'test' per record, decided per group from a seeded hash order."""
+    """'train' / 'validation' / 'test' per record, decided per group from a seeded hash order.
+
+    Groups of similar size (single pages; small, large and very large groups such as a
+    writer's pages) are split separately, each class by the fractions: a small test split
+    then holds its share of the big groups' records too, instead of whatever came first in
+    hash order (in a 10,000-line render with 29 real-digit shards of ~90 lines and 7,000
+    single lines, a 4% test split drawn from one hash order held no real digits one time in
+    five). Within a class a group joins a split while that brings the split closer to its
+    target, so a big group never doubles a small split.
+    """
     check_fractions(val_fraction, test_fraction)
     sizes: dict[str, int] = {}
     for g in groups:
         sizes[g] = sizes.get(g, 0) + 1
     order = sorted(sizes, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
-    n = len(groups)
-    want = {}
-    for name, frac in (("test", test_fraction), ("validation", val_fraction)):
-        k = round(frac * n)
-        if frac > 0 and k == 0 and len(order) >= 3:
-            k = 1  # a requested split is never silently empty when there are groups to spare
-        want[name] = k
-    split_of: dict[str, str] = {}
-    filled = {"test": 0, "validation": 0}
-    for g in order:
-        for name in ("test", "validation"):
-            if filled[name] < want[name]:
-                split_of[g] = name
-                filled[name] += sizes[g]
-                break
-        else:
-            split_of[g] = "train"
+    fractions = (("test", test_fraction), ("validation", val_fraction))
+    split_of = dict.fromkeys(order, "train")
+    for size_class in sorted({_size_class(n) for n in sizes.values()}):
+        members = [g for g in order if _size_class(sizes[g]) == size_class]
+        records = sum(sizes[g] for g in members)
+        filled = dict.fromkeys(("test", "validation"), 0)
+        for g in members:
+            for name, frac in fractions:
+                if filled[name] + sizes[g] / 2 <= frac * records:
+                    split_of[g] = name
+                    filled[name] += sizes[g]
+                    break
+    # A requested split is never silently empty when there are groups to spare: it takes
+    # the smallest training group (first in hash order among equals).
+    for name, frac in fractions:
+        if frac > 0 and len(order) >= 3 and name not in split_of.values():
+            spare = [g for g in order if split_of[g] == "train"]
+            if len(spare) > 1:
+                split_of[min(spare, key=lambda g: sizes[g])] = name
     return [split_of[g] for g in groups]

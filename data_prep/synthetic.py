@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ from data_prep.render import (
     TYPESET_FONTS,
     FontError,
     Span,
+    capitals_only,
     compose,
     paste_glyphs,
     pick_font,
@@ -217,8 +218,13 @@ class DigitScans:
         return out
 
 
-def render_line(line: Line, domain: Domain, rng: random.Random, digits: DigitScans | None) -> tuple[Image.Image, dict]:
-    """One line -> (RGB image, how it was drawn)."""
+def render_line(line: Line, domain: Domain, rng: random.Random,
+                digits: DigitScans | None) -> tuple[Image.Image, Line, dict]:
+    """One line -> (RGB image, the line as drawn, how it was drawn).
+
+    The line comes back changed only when its value's font draws capitals alone (see
+    render.CAPITALS_ONLY): then the value is written, and its Markdown given, in capitals.
+    """
     height = rng.randint(24, 44)
     label_font = pick_font(rng, domain.label_fonts, line.label) if line.label else None
     use_scans = (
@@ -230,6 +236,8 @@ def render_line(line: Line, domain: Domain, rng: random.Random, digits: DigitSca
     if use_scans:
         shard = rng.randrange(len(digits.shards))
         sep_font = pick_font(rng, domain.value_fonts, "".join(ch for ch in line.value if not ch.isdigit()) or "0")
+        if capitals_only(sep_font):
+            line = replace(line, value=line.value.upper())
         glyphs, gaps = [], []
         if line.label:
             glyphs.append(text_glyph(line.label, label_font, height))
@@ -245,10 +253,12 @@ def render_line(line: Line, domain: Domain, rng: random.Random, digits: DigitSca
         how = {"kind": line.kind, "digits_shard": shard, "font": sep_font.name}
     else:
         value_font = pick_font(rng, domain.value_fonts, line.value)
+        if capitals_only(value_font):
+            line = replace(line, value=line.value.upper())
         spans = ([Span(line.label + " ", label_font, bold=True)] if line.label else []) + [Span(line.value, value_font)]
         mask = text_mask(spans, height, rng)
         how = {"kind": line.kind, "font": value_font.name}
-    return compose(mask, rng, AUGMENTS[domain.augment]), how
+    return compose(mask, rng, AUGMENTS[domain.augment]), line, how
 
 
 def _render_shard(job: tuple) -> list[dict]:
@@ -262,7 +272,7 @@ def _render_shard(job: tuple) -> list[dict]:
     rows = []
     for i in tqdm(range(start, stop), desc=f"render {domain_name}", unit="img", disable=not progress):
         line = random_line(rng, domain.code_share, max_chars)
-        image, how = render_line(line, domain, rng, digits)
+        image, line, how = render_line(line, domain, rng, digits)
         rel = f"images/{i:0{width}d}.png"
         (Path(folder) / rel).write_bytes(encode_png(image))
         group = f"digits-shard-{how['digits_shard']}" if "digits_shard" in how else f"{domain_name}-{i:0{width}d}"

@@ -77,7 +77,7 @@ def test_train_writes_adapter_config_and_metrics(loop):
     assert last < 0.9 * first  # the random tiny decoder plateaus near 5 nats; the drop is what matters
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["ledger"]["vision"]["trainable"] == 0 and summary["ledger"]["projector"]["trainable"] == 0
-    assert summary["effective_batch"] == 4 and summary["train_samples"] == 47 - 12 - 5
+    assert summary["effective_batch"] == 4 and summary["train_samples"] == 47 - 12 - 4
     assert "LoRA preset 'attention+mlp'" in loop["train"].stdout + loop["train"].stderr
 
 

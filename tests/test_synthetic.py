@@ -4,6 +4,7 @@ digit-scan shards kept inside one split."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import random
 import subprocess
 import sys
@@ -15,11 +16,13 @@ from datasets import load_from_disk
 from data_prep.build import build_dataset
 from data_prep.render import (
     BOLD_FONTS,
+    CAPITALS_ONLY,
     HANDWRITING_FONTS,
     PRINTED_FONTS,
     TYPESET_FONTS,
     FontError,
     Span,
+    capitals_only,
     compose,
     font_files,
     pick_font,
@@ -98,6 +101,43 @@ def test_shards_render_in_parallel_and_depend_on_shards_not_workers(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def _glyph_iou(font, a: str, b: str) -> float:
+    """Overlap of two characters' ink, each cropped to its box and scaled to 32x32."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    def mask(ch):
+        im = Image.new("L", (192, 192), 0)
+        ImageDraw.Draw(im).text((48, 24), ch, font=ImageFont.truetype(str(font), 96), fill=255)
+        im = im.crop(im.getbbox()).resize((32, 32), Image.BILINEAR).filter(ImageFilter.MaxFilter(3))
+        return np.asarray(im) > 64
+
+    x, y = mask(a), mask(b)
+    return float((x & y).sum() / (x | y).sum())
+
+
+@pytest.mark.parametrize("spec", HANDWRITING_FONTS)
+def test_capitals_only_lists_exactly_the_fonts_whose_lowercase_is_capitals(spec):
+    # Scaled to the same box, 'a' and 'A' (and b/d/e/g/q/r) overlap >= 0.67 in Amatic SC and
+    # Permanent Marker and <= 0.55 in the other hands.
+    for font in font_files(spec):
+        overlap = min(_glyph_iou(font, ch, ch.upper()) for ch in "abdegqr")
+        assert capitals_only(font) == (spec in CAPITALS_ONLY) == (overlap > 0.6), (font.name, overlap)
+
+
+def test_lines_in_capitals_only_fonts_have_capital_markdown(tmp_path):
+    scans = generate("handwriting", 160, 3, tmp_path / "scans", progress=False)
+    rows = [json.loads(x) for x in (scans / "manifest.jsonl").read_text().splitlines()]
+    caps = {f.name for spec in CAPITALS_ONLY for f in font_files(spec)}
+
+    def value(row):  # the written value, without a printed bold label
+        return row["markdown"].split("** ", 1)[1] if row["markdown"].startswith("**") else row["markdown"]
+
+    in_caps = [value(r) for r in rows if r["font"] in caps]
+    others = [value(r) for r in rows if r["font"] not in caps]
+    assert len(in_caps) > 30 and all(v == v.upper() for v in in_caps)
+    assert sum(v != v.upper() for v in others) > 20  # lowercase stays where the font draws it (25)
+
+
 def test_digit_scans_shards_cover_every_digit_and_partition_the_set():
     scans = DigitScans()
     seen = [i for shard in scans.shards for i in shard]
@@ -118,6 +158,22 @@ def test_digit_scan_shards_never_cross_splits(tmp_path):
         for group in data[split]["group"]:
             owner.setdefault(group, set()).add(split)
     assert all(len(v) == 1 for v in owner.values())
+
+
+def test_small_test_split_gets_its_share_of_big_groups():
+    # The demo's shape: ~7,300 single lines and 29 digit shards of 94 lines. Sizes are split
+    # by class, so each seed's 4% test split holds exactly one shard (94 of 2,726 shard lines)
+    # and validation (2%) one; single lines fill the rest close to the fractions.
+    from data_prep.split import assign_splits
+
+    groups = [f"line-{i}" for i in range(7274)] + [f"shard-{k}" for k in range(29) for _ in range(94)]
+    for seed in range(4):
+        splits = assign_splits(groups, 0.02, 0.04, seed)
+        in_shards = Counter(s for g, s in zip(groups, splits) if g.startswith("shard"))
+        assert in_shards == {"train": 2538, "test": 94, "validation": 94}
+        assert Counter(splits) == {"train": 9376, "test": 385, "validation": 239}
+    # Too few records for the fraction: the split still gets the smallest group.
+    assert Counter(assign_splits(["a"] * 5 + ["b"] * 5 + ["c"] * 5, 0.0, 0.1, 0)) == {"train": 10, "test": 5}
 
 
 def test_synthetic_cli_errors_exit_2(tmp_path):
