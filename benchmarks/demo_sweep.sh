@@ -42,6 +42,14 @@ SETTINGS=(
   "p5|12000|train.max_steps=1050 lora.r=32 lora.alpha=64 train.lr=4e-3"
   "p6|12000|train.max_steps=600 train.batch_size=24 lora.r=32 lora.alpha=64 train.lr=6e-3"
   "p7|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3 train.warmup_steps=80"
+  "q0|16000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3"
+  "q1|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3 lora.train_projector=true"
+  "q2|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=3e-3"
+  "q3|16000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3 lora.train_projector=true"
+  "q4|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3 train.seed=1"
+  "q5|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3 lora.preset=attention+mlp"
+  "q6|12000|train.max_steps=900 lora.r=16 lora.alpha=32 train.lr=4e-3"
+  "q7|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3 train.max_grad_norm=0"
 )
 want() { local n; for n in "${NAMES[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
 NAMES=("$@")

@@ -4,7 +4,7 @@
 #            configs/runs/tiny_pretrain_v1.yaml), every weight trained (lora.preset: full), then each read
 #            back on the held-out printed test lines and on rendered handwriting (the demo's domain, never
 #            trained on here). FAMILIES="ocr2 v1" trains both side by side on one GPU.
-# Data:      N_PRINTED lines of DOMAIN (data_prep.synthetic --domain DOMAIN --seed 2 --shards 16), split
+# Data:      N_PRINTED lines of DOMAIN (data_prep.synthetic --domain DOMAIN --seed SEED --shards 16), split
 #            seed 0: 0.2% validation, 0.5% test; 1,000 handwriting lines (seed 99) for the domain check.
 #            DOMAIN=printed: matplotlib's 11 DejaVu/STIX faces, light augmentation; DOMAIN=printed-scan:
 #            22 typefaces (15 Google families from PyPI) under the handwriting domain's scanner degradation.
@@ -14,17 +14,20 @@
 # Wall time: one H100 80GB, 2026-11-22, batch 128, float32 (the shipped bases):
 #   builtin:tiny-deepseek-ocr-2  FAMILIES="ocr2 v1" TRAIN_S=300 (N_PRINTED=64000): the probe gave 2,100 steps
 #            (exactly: STEPS_OCR2=2100); 324 s of training at 0.154 s/step beside the v1 run; final loss 0.65.
-#   builtin:tiny-deepseek-ocr    two stages. (1) FAMILIES=v1 STEPS_V1=1500 N_PRINTED=24000, OUT_DIR runs/pt1: 230 s
+#   builtin:tiny-deepseek-ocr    three stages. (1) FAMILIES=v1 STEPS_V1=1500 N_PRINTED=24000, OUT_DIR runs/pt1: 230 s
 #            of training, loss 0.23 (14.95% CER on 120 held-out printed lines, but 55.5% on printed-scan
 #            lines). (2) FAMILIES=v1 DOMAIN=printed-scan N_PRINTED=40000 STEPS_V1=2000
-#            V1_FROM=runs/pt1/v1/model LR_V1=1e-3 WARMUP_V1=100: 420 s of training beside a from-scratch
-#            twin (0.21 s/step), final loss 0.12. The same 2,000 steps from the seeded init ended at loss
-#            0.54 and read worse everywhere (28.5% printed, 64.7% handwriting): stage 1 is worth keeping.
-#            Rendering and building took ~60 s before stage 1 and ~150 s before stage 2.
+#            V1_FROM=runs/pt1/v1/model LR_V1=1e-3 WARMUP_V1=100, OUT_DIR runs/pt2: 420 s of training beside a
+#            from-scratch twin (0.21 s/step), final loss 0.12. The same 2,000 steps from the seeded init ended
+#            at loss 0.54 and read worse everywhere (28.5% printed, 64.7% handwriting): stage 1 is worth
+#            keeping. (3) as (2) on fresh lines, SEED=3 STEPS_V1=1800 V1_FROM=runs/pt2/v1/model: 386 s of
+#            training alone (0.21 s/step), final loss 0.072. Rendering and building took ~60 s before
+#            stage 1 and ~145 s before stages 2 and 3.
 # Metric:    corpus CER, OCR-2: 33.13% on 320 held-out printed lines, 71.09% on the demo's handwriting
-#            (154 lines). v1 (after stage 2; 198 fresh lines each, seed 777,
-#            benchmarks/base_domains.sh): printed 9.13%, printed-scan 11.37%, the demo's handwriting 56.22%
-#            (before stage 2: 13.16 / 55.49 / 79.93%).
+#            (154 lines). v1 (198-199 fresh lines each, seed 777, benchmarks/base_domains.sh): after stage 3
+#            (shipped) printed 5.20%, printed-scan 6.33%, the demo's handwriting 54.88%; after stage 2
+#            9.13 / 11.37 / 57.59%; after stage 1 13.16 / 55.49 / ~80%. Each stage also made the demo's
+#            adapter go further: adapted / base CER 0.72 -> 0.56 -> 0.46 (BENCHMARKS.md).
 #            The same recipe on 2 CPU cores: recipes/tiny_pretrain.sh / tiny_pretrain_v1.sh (slower, weaker).
 # Reproduce: bash recipes/tiny_pretrain_gpu.sh [OUT_DIR] with the settings above; copy OUT_DIR/ocr2/model to
 #            finetune/builtin/tiny-deepseek-ocr-2 and OUT_DIR/v1/model to finetune/builtin/tiny-deepseek-ocr.
@@ -38,6 +41,7 @@ TRAIN_S=${TRAIN_S:-360}
 FAMILIES=${FAMILIES:-ocr2 v1}  # which bases to train (both share the GPU side by side)
 N_PRINTED=${N_PRINTED:-64000}  # fewer for a quick try of the recipe itself
 DOMAIN=${DOMAIN:-printed}      # printed | printed-scan (see Data above)
+SEED=${SEED:-2}                # render seed of the training lines: a later stage draws fresh ones
 V1_FROM=${V1_FROM:-}           # empty: the seeded init; else a v1 model to continue from
 LR_V1=${LR_V1:-2.0e-3}
 WARMUP_V1=${WARMUP_V1:-300}
@@ -46,7 +50,7 @@ mkdir -p "$OUT"
 stamp() { echo "[$(date +%T)] $*"; }
 
 stamp render
-$PY -m data_prep.synthetic --domain "$DOMAIN" --n "$N_PRINTED" --seed 2 --shards 16 --output "$OUT/scans"
+$PY -m data_prep.synthetic --domain "$DOMAIN" --n "$N_PRINTED" --seed "$SEED" --shards 16 --output "$OUT/scans"
 $PY -m data_prep.synthetic --domain handwriting --n 1000 --seed 99 --shards 16 --output "$OUT/hw-scans"
 stamp build
 $PY -m finetune.cli data build --source manifest --input "$OUT/scans/manifest.jsonl" --output "$OUT/data" \

@@ -18,11 +18,11 @@ def test_tiny_random_regenerates_identically(tmp_path):
 
 
 # The bound each shipped base is held to on 60 fresh lines of a printed domain; measured with the
-# shipped weights: v1 6.98% (printed) and 11.24% (printed-scan: the degraded print of its
-# second pretraining stage), OCR-2 32.8% (printed; builtin:tiny-random-deepseek-ocr gives 772%).
+# shipped weights: v1 3.56% (printed) and 6.15% (printed-scan: the degraded print of its
+# second and third pretraining stages), OCR-2 32.8% (printed; builtin:tiny-random-deepseek-ocr gives 772%).
 READERS = {
-    ("tiny-deepseek-ocr", "printed"): 0.25,
-    ("tiny-deepseek-ocr", "printed-scan"): 0.3,
+    ("tiny-deepseek-ocr", "printed"): 0.15,
+    ("tiny-deepseek-ocr", "printed-scan"): 0.2,
     ("tiny-deepseek-ocr-2", "printed"): 0.5,
 }
 

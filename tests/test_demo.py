@@ -84,16 +84,17 @@ def test_demo_test_lines_never_seen_in_training(demo):
 
 
 @pytest.mark.slow
-def test_full_demo_adapter_lowers_cer(tmp_path):
-    """The demo as shipped (10,000 lines, 900 steps, ~4 min on 2 cores): the adapter lowers the
-    reading base's CER and the CI's upper end is below 0 (measured: 53.59% -> 34.84%, CI [-21.96, -15.62];
-    with --family deepseek-ocr-2: 78.29% -> 73.49%, CI [-7.79, -1.51])."""
+def test_full_demo_halves_cer(tmp_path):
+    """The demo as shipped (10,000 lines, 900 steps, ~4 min on 2 cores) keeps the issue's promise:
+    the adapter at least halves the base's corpus CER on >= 100 held-out lines and the CI's upper end
+    is below 0 (measured: 52.12% -> 23.93%, 0.46 of the base, CI [-30.97, -24.10]; with
+    --family deepseek-ocr-2 the OCR-2 base only moves: see README)."""
     out = tmp_path / "demo"
     proc = run_cli("demo", "--output", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "builtin:tiny-deepseek-ocr" and report["systems"]["base"]["n"] >= 100
-    assert report["systems"]["adapted"]["cer"] < report["systems"]["base"]["cer"]
+    assert report["systems"]["adapted"]["cer"] <= 0.5 * report["systems"]["base"]["cer"]
     assert report["comparison"]["cer_delta_ci95"][1] < 0
 
 
