@@ -11,7 +11,7 @@ Domains:
   printed      computer fonts (DejaVu, STIX), light augmentation: what the tiny bases are
                pretrained on first.
   printed-scan the same plus 15 Google Fonts families from PyPI, under the handwriting
-               domain's scanner degradation: the v1 base's second pretraining stage.
+               domain's scanner degradation: the v1 base's second and third pretraining stages.
   handwriting  hand-drawn fonts from PyPI and real handwritten digits (scikit-learn's copy
                of the UCI digits, 8x8 scans by dozens of writers) composed into numbers,
                with scanner-like augmentation. Printed bold labels stay printed, as on a
