@@ -73,5 +73,5 @@ def test_early_stopping_stops_at_the_patience_and_keeps_best(tiny_dataset, tmp_p
 def test_validation_split_missing_is_named_before_training(tiny_dataset, tmp_path):
     done = _train(tiny_dataset, tmp_path / "x", "validation.every_steps=2", "validation.split=dev")
     assert done.returncode == 2
-    assert "validation.split 'dev'" in done.stderr and "validation (4)" in done.stderr
+    assert "validation.split 'dev'" in done.stderr and "validation (3)" in done.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
