@@ -4,10 +4,10 @@ digit-scan shards kept inside one split."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
