@@ -36,7 +36,7 @@ def _rss_mb() -> float:
 
 def worker(args) -> dict:
     import torch
-    from peft import get_peft_model
+    from finetune.compat import enable_activation_checkpointing, get_peft_model
 
     from data_prep.sample import line_text, render_line
     from finetune.lora import lora_config, resolve_targets
@@ -52,7 +52,7 @@ def worker(args) -> dict:
     model.requires_grad_(False)
     model = get_peft_model(model, lora_config(resolve_targets(model, "attention+mlp", resolved.family.LAYOUT), 16, 16, 0.0))
     if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     model.train()
     builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.",

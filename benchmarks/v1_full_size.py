@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     import torch
-    from peft import get_peft_model
+    from finetune.compat import enable_activation_checkpointing, get_peft_model
     from PIL import Image
 
     from finetune.generate import generate_pages
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     model.requires_grad_(False)
     peft_model = get_peft_model(model, lora_config(resolve_targets(model, "all", v1.LAYOUT), r=16, alpha=16, dropout=0.0))
     trainable = parameter_ledger(peft_model, v1.LAYOUT)["total"]["trainable"]
-    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(peft_model)
     peft_model.enable_input_require_grads()
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)

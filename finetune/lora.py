@@ -142,10 +142,11 @@ def load_adapter(model, adapter_dir, adapter_name: str, renames):
     the "adapted" system silently equal to the base model; here that is an error.
     """
     import torch
-    from peft import PeftModel
     from safetensors.torch import load_file
 
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
+    from finetune.compat import peft_from_pretrained
+
+    peft_model = peft_from_pretrained(model, str(adapter_dir), adapter_name)
     params = dict(peft_model.named_parameters())
     on_disk = load_file(f"{adapter_dir}/adapter_model.safetensors")
     inverse = [(new, old) for old, new in renames]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.compat import enable_activation_checkpointing, get_peft_model
 from finetune.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
 from finetune.loss import token_loss_sum
@@ -105,7 +106,6 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
     from datasets import load_from_disk
-    from peft import get_peft_model
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -205,7 +205,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     if checkpointing is None:  # real checkpoints need it; the builtin tiny models do not
         checkpointing = not resolved.name.startswith(BUILTIN_PREFIX)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     lm_head = model.get_output_embeddings()  # frozen; the chunked loss runs it outside DDP's forward
     loss_fn = lambda m, batch: token_loss_sum(m, batch, lm_head, t.loss_chunk_tokens)  # noqa: E731

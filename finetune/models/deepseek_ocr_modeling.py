@@ -261,8 +261,11 @@ class DeepseekOcrForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids=None, pixel_values=None, pixel_values_local=None, images_spatial_crop=None,
-                attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None, labels=None,
-                use_cache=None, logits_to_keep=0, **kwargs):
+                attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, logits_to_keep=0,
+                **kwargs):
+        # The KV cache and use_cache pass through **kwargs under whatever name this transformers
+        # release gives them (`past_key_values` up to 5.23, `cache` from 5.24 on): naming either
+        # here would either drop the other or trip a deprecation warning.
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
@@ -273,22 +276,26 @@ class DeepseekOcrForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                  "differ: the processor and the model disagree on the layout")
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], feats.to(inputs_embeds.dtype))
         out = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                        position_ids=position_ids, past_key_values=past_key_values,
-                                        use_cache=use_cache, **kwargs)
-        hidden = out.last_hidden_state
+                                        position_ids=position_ids, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        # The decoder's output fields (the cache, hidden states, attentions) carry over under
+        # their own names, so the output follows the installed release's naming too.
+        rest = {k: v for k, v in out.items() if k != "last_hidden_state"}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None,
-                                      pixel_values_local=None, images_spatial_crop=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        # Images only on the first (prefill) step; afterwards their keys and values are cached.
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            inputs.update(pixel_values=pixel_values, pixel_values_local=pixel_values_local,
-                          images_spatial_crop=images_spatial_crop)
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+        # As transformers' own vision-language models do (5.24): the image inputs reach the model
+        # on the first iteration (prefill) only, or on every step when no cache is kept, decided
+        # by the `is_first_iteration` flag that `generate` passes, not by inspecting the cache
+        # under a keyword a release may rename. The three are taken out before the generic
+        # method runs, so its own list of image inputs to drop (which differs by release and
+        # does not know `images_spatial_crop`) decides nothing here.
+        images = {key: kwargs.pop(key, None) for key in ("pixel_values", "pixel_values_local", "images_spatial_crop")}
+        inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs.update(images)
         return inputs
