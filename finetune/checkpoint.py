@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.errors import OcrtuneError
+
 MARKER = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OcrtuneError, RuntimeError):
     pass
 
 

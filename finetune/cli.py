@@ -10,7 +10,8 @@
     ocrtune serve --model builtin:tiny-random-deepseek-ocr-2 --adapter runs/tiny-smoke/adapter --port 8000
     ocrtune push runs/tiny-smoke/adapter --repo-id you/name --dry-run runs/push-preview
 
-Errors print one line naming the file, field or key, and exit with status 2.
+Errors print one line naming the file, field or key, and exit with status 2; an internal error
+prints one line naming the stage and the log file that holds its traceback, and exits 1.
 """
 
 from __future__ import annotations
@@ -312,21 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from data_prep.build import BuildError
-    from finetune.config import ConfigError
-    from finetune.evaluate import EvalError
-    from finetune.hub import PushError
-    from finetune.models import ModelNameError
-    from finetune.endpoint import EndpointError
-    from finetune.score import ScoreError
+    from finetune.errors import run_command
 
-    try:
-        return args.func(args)
-    except (BuildError, ConfigError, EvalError, PushError, ModelNameError, ScoreError, EndpointError, ValueError,
-            FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
+    stage = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)
+    # An internal error's traceback goes to the command's output folder where it has one
+    # (eval, predict, score, data build), else to a temp file.
+    return run_command(stage, lambda: args.func(args), lambda: getattr(args, "output", None))
 
 if __name__ == "__main__":
     sys.exit(main())

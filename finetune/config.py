@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from finetune.errors import OcrtuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(OcrtuneError, ValueError):
     pass
 
 

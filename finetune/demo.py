@@ -2,6 +2,8 @@
 
     ocrtune demo [--output runs/demo]
 
+0. check the base end to end on one freshly rendered line (sequence build, generation,
+   scoring), so a broken install fails in seconds, not after minutes of rendering;
 1. render handwritten lines (hand-drawn fonts from PyPI + real handwritten digits from
    scikit-learn, scan-like augmentation) with data_prep.synthetic;
 2. build a grouped, leakage-checked dataset from them with data_prep (manifest source);
@@ -12,12 +14,14 @@
    plot per-page CER before/after and the loss curve.
 
 Writes OUTPUT/{scans,data,eval-base,run}/, OUTPUT/report.{json,md}, OUTPUT/predictions.jsonl,
-OUTPUT/cer_per_sample.png and OUTPUT/loss.png.
+OUTPUT/cer_per_sample.png and OUTPUT/loss.png. A failure prints one line naming the stage
+and OUTPUT/ocrtune-error.log, which holds the traceback; the exit code is non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -25,10 +29,12 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from finetune.errors import OcrtuneError
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-class DemoError(RuntimeError):
+class DemoError(OcrtuneError, RuntimeError):
     pass
 
 
@@ -87,6 +93,30 @@ def _done(t0: float) -> None:
     print(f"      done in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def check_base(model: str, folder: Path, seed: int, max_new_tokens: int) -> float:
+    """Read one freshly rendered line with the base, end to end (load, sequence build, greedy
+    generation with the repetition guard, scoring), and return its CER. Any failure of the
+    install, the model or the decoding path surfaces here, before the long stages."""
+    from data_prep.images import load_image
+    from data_prep.synthetic import generate
+    from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
+    from finetune.generate import generate_pages
+    from finetune.metrics import edit_counts
+    from finetune.runtime import load_for_inference
+    from finetune.sequence import builder_for
+
+    if folder.exists():  # only with --overwrite
+        shutil.rmtree(folder)
+    generate("handwriting", 1, seed, folder, progress=False)
+    row = json.loads((folder / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    inf = load_for_inference(model, None, None, "auto", NO_REPEAT_NGRAM, NO_REPEAT_WINDOW)
+    builder = builder_for(inf.family, inf.processor, inf.model.config, inf.prompt, inf.vision)
+    [out] = generate_pages(inf.model, builder, [(row["id"], load_image(folder / row["image"]))], 1, max_new_tokens,
+                           guard=inf.guard)
+    edits, lengths = edit_counts([row["markdown"]], [out.text], "L1")
+    return float(edits.sum() / max(int(lengths.sum()), 1))
+
+
 def format_table(report: dict, base_label: str = "base") -> str:
     base, adapted = report["systems"]["base"], report["systems"]["adapted"]
     c = report["comparison"]
@@ -101,15 +131,16 @@ def format_table(report: dict, base_label: str = "base") -> str:
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c_:>17}" for a, b, c_ in rows)
 
 
-def run_demo(s: DemoSettings, progress: bool = True) -> dict:
+def run_demo(s: DemoSettings, progress: bool = True, stages: list[str] | None = None) -> dict:
+    """`stages`: each stage's name is appended as it starts (the caller names the failed one)."""
+    stages = [] if stages is None else stages
     from data_prep.build import BuildError, build_dataset
     from data_prep.synthetic import generate
     from finetune.config import load_config
     from finetune.evaluate import evaluate
+    from finetune.models import resolve_model
     from finetune.plots import plot_loss
     from finetune.report import write_report
-
-    from finetune.models import resolve_model
 
     out = Path(s.output)
     if out.exists() and any(out.iterdir()) and not s.overwrite:
@@ -136,6 +167,14 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     started = time.perf_counter()
     timings = {}
 
+    stages.append("check the base")
+    t0 = _step(0, f"check the base {model} end to end on one rendered line")
+    cer = check_base(model, out / "check", s.seed, s.max_new_tokens)
+    print(f"      read it with CER {100 * cer:.0f}%: install, model and decoding work")
+    timings["check_s"] = time.perf_counter() - t0
+    _done(t0)
+
+    stages.append("render")
     t0 = _step(1, f"render {lines} handwritten lines -> {out / 'scans'}")
     scans = out / "scans"
     if scans.exists():  # only with --overwrite: a non-empty --output was refused above
@@ -144,6 +183,7 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     timings["render_s"] = time.perf_counter() - t0
     _done(t0)
 
+    stages.append("build the dataset")
     t0 = _step(2, f"build the dataset (grouped split, leakage check) -> {out / 'data'}")
     try:
         built = build_dataset("manifest", scans / "manifest.jsonl", out / "data", val_fraction=s.val_fraction,
@@ -155,6 +195,7 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     timings["build_s"] = time.perf_counter() - t0
     _done(t0)
 
+    stages.append("evaluate the base")
     t0 = _step(3, f"evaluate the base {model} on the {counts['test']} test lines")
     base_report = evaluate(model, out / "data", out / "eval-base", batch_size=s.eval_batch_size,
                            max_new_tokens=s.max_new_tokens, progress=progress)
@@ -162,16 +203,20 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     timings["eval_base_s"] = time.perf_counter() - t0
     _done(t0)
 
+    stages.append("train")
     t0 = _step(4, f"train a LoRA adapter: python -m finetune.train {recipe.name}")
     cmd = [sys.executable, "-m", "finetune.train", str(recipe), *overrides]
     if not progress:
         cmd.append("--no-progress")
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
-        raise DemoError(f"training failed (exit {proc.returncode}): {' '.join(cmd)}")
+        log = out / "run" / "ocrtune-error.log"
+        raise RuntimeError(f"python -m finetune.train exited {proc.returncode}"
+                           + (f"; its traceback is in {log}" if log.is_file() else ""))
     timings["train_s"] = time.perf_counter() - t0
     _done(t0)
 
+    stages.append("evaluate base and adapter")
     t0 = _step(5, "evaluate base and adapter on the held-out test split")
     report = evaluate(model, out / "data", out, adapter=out / "run" / "adapter", batch_size=s.eval_batch_size,
                       max_new_tokens=s.max_new_tokens, progress=progress)
@@ -209,17 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = DemoSettings(output=args.output, family=args.family, lines=args.lines,
                             test_fraction=args.test_fraction, steps=args.steps,
                             model=args.model, seed=args.seed, overwrite=args.overwrite)
-    from finetune.config import ConfigError
-    from finetune.evaluate import EvalError
-    from finetune.models import ModelNameError
+    from finetune.errors import run_command
 
-    try:
-        run_demo(settings, progress=not args.no_progress)
-    except (DemoError, ConfigError, EvalError, ModelNameError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    stages = ["check the settings"]
 
+    def body() -> int:
+        run_demo(settings, progress=not args.no_progress, stages=stages)
+        return 0
+
+    return run_command(lambda: stages[-1], body, lambda: settings.output)
 
 if __name__ == "__main__":
     sys.exit(main())

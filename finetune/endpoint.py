@@ -20,8 +20,10 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from finetune.errors import OcrtuneError
 
-class EndpointError(RuntimeError):
+
+class EndpointError(OcrtuneError, RuntimeError):
     pass
 
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
+from finetune.errors import OcrtuneError
 
 JOURNAL = "eval_progress.jsonl"
 
 
-class EvalError(RuntimeError):
+class EvalError(OcrtuneError, RuntimeError):
     pass
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from data_prep.atomic import replace_dir
+from finetune.errors import OcrtuneError
 from finetune.runtime import ADAPTER_META, read_adapter_meta
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -23,7 +24,7 @@ REPORT_NAME = "ocrtune_eval.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class PushError(RuntimeError):
+class PushError(OcrtuneError, RuntimeError):
     pass
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.errors import OcrtuneError
 from finetune.html_report import write_html
 from finetune.metrics import HEADLINE, LEVELS, paired_bootstrap, system_metrics
 from finetune.plots import plot_cer_histogram
 from finetune.report import write_predictions, write_report
 
 
-class ScoreError(ValueError):
+class ScoreError(OcrtuneError, ValueError):
     """Unreadable or inconsistent predictions; the message names the file and line."""
 
 

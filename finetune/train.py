@@ -27,12 +27,13 @@ import torch
 
 from finetune.compat import enable_activation_checkpointing, get_peft_model
 from finetune.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
+from finetune.errors import OcrtuneError
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
 from finetune.loss import token_loss_sum
 from finetune.sequence import IGNORE_INDEX
 
 
-class TrainError(RuntimeError):
+class TrainError(OcrtuneError, RuntimeError):
     pass
 
 
@@ -446,18 +447,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)  # options may sit between overrides
-    from finetune.models import ModelNameError
+    from finetune.errors import run_command
 
-    try:
+    cfg = None
+
+    def body() -> int:
+        nonlocal cfg
         cfg = load_config(args.config, args.overrides)
-        train(cfg, progress=not args.no_progress)
-    except (ConfigError, TrainError, ModelNameError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except StopRequested as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return SIGTERM_EXIT
-    return 0
+        try:
+            train(cfg, progress=not args.no_progress)
+        except StopRequested as exc:
+            print(f"stopped: {exc}", file=sys.stderr)
+            return SIGTERM_EXIT
+        return 0
+
+    # An internal error's traceback goes to the run's output_dir (a temp file if the config
+    # never loaded that far).
+    return run_command("train", body, lambda: cfg.output_dir if cfg is not None else None)
 
 
 if __name__ == "__main__":

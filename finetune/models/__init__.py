@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from finetune.errors import OcrtuneError
+
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 BUILTIN_PREFIX = "builtin:"
 
 
-class ModelNameError(ValueError):
+class ModelNameError(OcrtuneError, ValueError):
     """A model name that resolves to nothing usable; the message says what was tried."""
 
 

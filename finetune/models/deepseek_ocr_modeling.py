@@ -272,7 +272,9 @@ class DeepseekOcrForConditionalGeneration(PreTrainedModel, GenerationMixin):
             feats = torch.cat(self.model.image_features(pixel_values, pixel_values_local, images_spatial_crop))
             mask = input_ids == self.config.image_token_id
             if int(mask.sum()) != feats.shape[0]:
-                raise ValueError(f"image placeholders ({int(mask.sum())}) and image features ({feats.shape[0]}) "
+                # An invariant of ours, not an input error: a processor/model pair that disagrees
+                # is a bug (or a broken checkpoint) and is reported as an internal error.
+                raise RuntimeError(f"image placeholders ({int(mask.sum())}) and image features ({feats.shape[0]}) "
                                  "differ: the processor and the model disagree on the layout")
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], feats.to(inputs_embeds.dtype))
         out = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
