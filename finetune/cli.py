@@ -320,5 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     # (eval, predict, score, data build), else to a temp file.
     return run_command(stage, lambda: args.func(args), lambda: getattr(args, "output", None))
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@
 5. evaluate base and adapter on the held-out test split, with a paired bootstrap CI;
    plot per-page CER before/after and the loss curve.
 
-Writes OUTPUT/{scans,data,eval-base,run}/, OUTPUT/report.{json,md}, OUTPUT/predictions.jsonl,
+Writes OUTPUT/{check,scans,data,eval-base,run}/, OUTPUT/report.{json,md}, OUTPUT/predictions.jsonl,
 OUTPUT/cer_per_sample.png and OUTPUT/loss.png. A failure prints one line naming the stage
 and OUTPUT/ocrtune-error.log, which holds the traceback; the exit code is non-zero.
 """
