@@ -12,6 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -25,7 +26,7 @@ class ConfigError(OcrtuneError, ValueError):
 @dataclass
 class ModelConfig:
     name: str = ""  # builtin:NAME, a local checkpoint dir, or a Hub id (required)
-    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPU, float32 on CPU
 
 
 @dataclass
@@ -63,7 +64,7 @@ class LoraSettings:
     # full: no LoRA; every weight trains (vision too) and OUTPUT_DIR/model/ is a whole
     #      checkpoint. For pretraining a small model; on the 3B model it needs
     #      optimizer state for all weights (~16 bytes per parameter).
-    preset: str = "attention+mlp"
+    preset: Literal["attention", "attention+mlp", "all", "full"] = "attention+mlp"
     r: int = 16  # rank: capacity of the update; parameters grow linearly with r
     alpha: int = 16  # scale = alpha / r; keep alpha = r unless you know why
     dropout: float = 0.0  # regularises small datasets; slows nothing
@@ -93,7 +94,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     seed: int = 42  # model init of LoRA weights and data order both follow it
     # auto = bf16 on a GPU that supports it, fp32 otherwise; or "no" / "bf16" / "fp16".
-    mixed_precision: str = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Recompute activations in the backward pass: ~30% slower, far less activation memory.
     # None = on for real checkpoints, off for the builtin tiny models (too small to need it).
     gradient_checkpointing: bool | None = None
@@ -106,6 +107,11 @@ class TrainSettings:
     # seed): less padding, faster steps; slightly less random batches.
     group_by_length: bool = False
     num_workers: int = 0  # DataLoader workers decoding images in parallel
+    # Encode each training image once and reuse its vision features in later epochs (memory:
+    # placeholders x hidden floats per image, held for the run). Only with a frozen vision
+    # tower and projector (no lora.vision_lora / train_projector / preset full); DeepSeek-OCR
+    # (v1) only. Saves the vision tower's share of every step after the first epoch.
+    cache_vision_features: bool = False
     log_every: int = 1
     # Checkpoints under OUTPUT_DIR/checkpoints/ every this many steps (0 = none): adapter,
     # optimizer, RNG of every process and data position, complete only with its marker.
@@ -159,6 +165,13 @@ def _check_type(value, tp, key: str):
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and "no" in choices:  # YAML 1.1 reads a bare `no` as false
+            value = "yes" if value else "no"
+        if value not in choices:
+            raise ConfigError(f"{key} {value!r}: choose one of {', '.join(map(str, choices))}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -250,10 +263,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for key, value in (("model.name", cfg.model.name), ("data.path", cfg.data.path)):
         if not value:
             raise ConfigError(f"{where}{key} is required")
-    from finetune.lora import PRESET_CHOICES
-
-    if cfg.lora.preset not in PRESET_CHOICES:
-        raise ConfigError(f"{where}lora.preset {cfg.lora.preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
     if cfg.lora.use_dora and cfg.lora.preset in ("all", "full"):
         raise ConfigError(f"{where}lora.use_dora: not available with lora.preset {cfg.lora.preset!r} "
                           "(PEFT has no DoRA for fused expert parameters); use attention or attention+mlp")
@@ -263,6 +272,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for i, name in enumerate(cfg.report_to):
         if name not in ("wandb",):
             raise ConfigError(f"{where}report_to[{i}] {name!r}: supported trackers are: wandb")
+    trained_vision = [k for k, on in (("lora.vision_lora", cfg.lora.vision_lora),
+                                      ("lora.train_projector", cfg.lora.train_projector),
+                                      ("lora.preset full", cfg.lora.preset == "full")) if on]
+    if cfg.train.cache_vision_features and trained_vision:
+        raise ConfigError(f"{where}train.cache_vision_features: the vision features change while training with "
+                          f"{', '.join(trained_vision)}; turn one or the other off")
     if cfg.train.loss_chunk_tokens < 0:
         raise ConfigError(f"{where}train.loss_chunk_tokens must be >= 0 (0 = plain loss)")
     return cfg

@@ -28,6 +28,7 @@ import torch
 from finetune.compat import enable_activation_checkpointing, get_peft_model
 from finetune.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
 from finetune.errors import OcrtuneError
+from finetune.feature_cache import VisionFeatureCache
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
 from finetune.loss import token_loss_sum
 from finetune.sequence import IGNORE_INDEX
@@ -210,6 +211,14 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         model.enable_input_require_grads()
     lm_head = model.get_output_embeddings()  # frozen; the chunked loss runs it outside DDP's forward
     loss_fn = lambda m, batch: token_loss_sum(m, batch, lm_head, t.loss_chunk_tokens)  # noqa: E731
+    feature_cache = None
+    if t.cache_vision_features:  # load_config refused it with a trained vision side
+        if family.MODEL_TYPE != "deepseek_ocr":
+            raise TrainError(f"train.cache_vision_features: supported for DeepSeek-OCR (v1) only, not {family.MODEL_TYPE}")
+        feature_cache = VisionFeatureCache(model.get_base_model().model.image_features)
+        train_loss_fn = lambda m, batch: loss_fn(m, feature_cache.inputs(batch))  # noqa: E731
+    else:
+        train_loss_fn = loss_fn
 
     sampler = EpochShuffle(len(keep), t.seed, [lengths[i] for i in keep] if t.group_by_length else None,
                            t.batch_size * 50)
@@ -311,7 +320,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             try:
                 for batch in window:
                     with accelerator.accumulate(model):
-                        loss_sum = loss_fn(model, batch)
+                        loss_sum = train_loss_fn(model, batch)
                         # accelerate divides by grad_accum and DDP averages over processes: undo both.
                         accelerator.backward(loss_sum * (t.grad_accum * accelerator.num_processes / max(n_tokens, 1)))
                     loss_sum_local += float(loss_sum.detach())
@@ -391,6 +400,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         "effective_batch": t.batch_size * t.grad_accum * accelerator.num_processes,
         "gradient_checkpointing": checkpointing,
         "loss_chunk_tokens": t.loss_chunk_tokens,
+        "vision_feature_cache": feature_cache.summary() if feature_cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "ledger": ledger,
         "versions": _versions(),
@@ -446,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML run config (see configs/runs/)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides + defaults) as YAML and exit")
     args = parser.parse_intermixed_args(argv)  # options may sit between overrides
     from finetune.errors import run_command
 
@@ -454,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         nonlocal cfg
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
         try:
             train(cfg, progress=not args.no_progress)
         except StopRequested as exc:

@@ -45,9 +45,16 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
         from finetune.models import ModelNameError, resolve_model
 
         try:
-            resolve_model(name)
+            family = resolve_model(name).family
         except ModelNameError as exc:
             return False, [f"error {path}: model.name: {exc}"]
+        # Choices that depend on the model's family, checked from its config.json alone.
+        if cfg.vision.mode is not None and cfg.vision.mode not in family.MODES:
+            return False, [f"error {path}: vision.mode {cfg.vision.mode!r}: {family.MODEL_TYPE} has the modes "
+                           f"{', '.join(family.MODES)}"]
+        if cfg.train.cache_vision_features and family.MODEL_TYPE != "deepseek_ocr":
+            return False, [f"error {path}: train.cache_vision_features: supported for DeepSeek-OCR (v1) only, "
+                           f"not {family.MODEL_TYPE}"]
     elif name.count("/") != 1 or name.startswith((".", "/")):  # a local path that is not there (yet)
         lines.append(f"warning {path}: model.name {name} does not exist yet (a local checkpoint path)")
     if not (Path(cfg.data.path) / "dataset_dict.json").is_file():

@@ -1,5 +1,7 @@
 """YAML -> dataclasses: unknown keys and bad types are errors naming the key; shipped configs validate."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,13 @@ def test_overrides_are_typed_and_applied():
         ("train.lr=fast", "train.lr: expected a number"),
         ("lora.r=1.5", "lora.r: expected an integer"),
         ("train.gradient_checkpointing=1", "train.gradient_checkpointing: expected true or false"),
+        ("model.dtype=bf17", "model.dtype 'bf17': choose one of auto, float32, bfloat16, float16"),
+        ("train.mixed_precision=fp8", "train.mixed_precision 'fp8': choose one of auto, no, bf16, fp16"),
+        ("lora.preset=everything", "lora.preset 'everything': choose one of attention, attention+mlp, all, full"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, REQUIRED + [override])
 
 
@@ -92,3 +97,57 @@ def test_ocrtune_validate_cli(tmp_path):
 def test_bare_no_is_the_string_no():
     cfg = load_config(None, ["model.name=builtin:x", "data.path=d", "train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+def test_preset_choices_are_the_resolvers():
+    import typing
+
+    from finetune.config import LoraSettings
+    from finetune.lora import PRESET_CHOICES
+
+    assert typing.get_args(typing.get_type_hints(LoraSettings)["preset"]) == PRESET_CHOICES
+
+
+def test_validate_checks_family_choices_without_weights(tmp_path):
+    from tests.helpers import run_cli
+
+    (tmp_path / "mode.yaml").write_text("model:\n  name: builtin:tiny-deepseek-ocr-2\ndata:\n  path: x\n"
+                                        "vision:\n  mode: tiny\n")
+    (tmp_path / "huge.yaml").write_text("model:\n  name: builtin:tiny-deepseek-ocr\ndata:\n  path: x\n"
+                                        "vision:\n  mode: huge\n")
+    (tmp_path / "cache.yaml").write_text("model:\n  name: builtin:tiny-deepseek-ocr-2\ndata:\n  path: x\n"
+                                         "train:\n  cache_vision_features: true\n")
+    (tmp_path / "dtype.yaml").write_text("model:\n  name: builtin:tiny-deepseek-ocr\n  dtype: bf17\ndata:\n  path: x\n")
+    bad = run_cli("validate", *(str(tmp_path / f"{n}.yaml") for n in ("mode", "huge", "cache", "dtype")))
+    assert bad.returncode == 2
+    out = bad.stdout
+    assert "mode.yaml: vision.mode 'tiny': deepseek_ocr2 has the modes base, gundam" in out
+    assert "huge.yaml: vision.mode 'huge': deepseek_ocr has the modes tiny, small, base, large, gundam" in out
+    assert "cache.yaml: train.cache_vision_features: supported for DeepSeek-OCR (v1) only, not deepseek_ocr2" in out
+    assert "dtype.yaml: model.dtype 'bf17': choose one of auto, float32, bfloat16, float16" in out
+
+
+def test_train_bad_choice_exits_2_naming_the_key(tmp_path):
+    from tests.helpers import run_cli
+
+    proc = run_cli("train", str(REPO / "configs/runs/tiny_smoke.yaml"), "data.path=x", "model.dtype=bf17",
+                   f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "model.dtype 'bf17': choose one of auto, float32, bfloat16, float16")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_print_config_shows_the_resolved_config(tmp_path):
+    import yaml
+
+    from tests.helpers import run_cli
+
+    proc = run_cli("train", str(REPO / "configs/runs/demo_handwriting.yaml"), "train.max_steps=7", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["train"]["max_steps"] == 7 and printed["train"]["cache_vision_features"] is True
+    assert printed["validation"]["every_steps"] == RunConfig().validation.every_steps  # defaults filled in
+    assert load_config(None, [f"{k}.{kk}={json.dumps(vv)}" for k, v in printed.items() if isinstance(v, dict)
+                              for kk, vv in v.items()] + [f"output_dir={printed['output_dir']}"]) \
+        == load_config(REPO / "configs/runs/demo_handwriting.yaml", ["train.max_steps=7"])

@@ -262,20 +262,24 @@ class DeepseekOcrForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, pixel_values=None, pixel_values_local=None, images_spatial_crop=None,
                 attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, logits_to_keep=0,
-                **kwargs):
+                image_features=None, **kwargs):
         # The KV cache and use_cache pass through **kwargs under whatever name this transformers
         # release gives them (`past_key_values` up to 5.23, `cache` from 5.24 on): naming either
         # here would either drop the other or trip a deprecation warning.
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            feats = torch.cat(self.model.image_features(pixel_values, pixel_values_local, images_spatial_crop))
+        # `image_features`: one [placeholders, hidden] tensor per image, computed earlier by
+        # `self.model.image_features` (finetune/feature_cache.py), in place of the pixels.
+        if image_features is None and pixel_values is not None:
+            image_features = self.model.image_features(pixel_values, pixel_values_local, images_spatial_crop)
+        if image_features is not None:
+            feats = torch.cat(image_features)
             mask = input_ids == self.config.image_token_id
             if int(mask.sum()) != feats.shape[0]:
                 # An invariant of ours, not an input error: a processor/model pair that disagrees
                 # is a bug (or a broken checkpoint) and is reported as an internal error.
                 raise RuntimeError(f"image placeholders ({int(mask.sum())}) and image features ({feats.shape[0]}) "
-                                 "differ: the processor and the model disagree on the layout")
+                                   "differ: the processor and the model disagree on the layout")
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], feats.to(inputs_embeds.dtype))
         out = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                         position_ids=position_ids, **kwargs)
