@@ -57,6 +57,7 @@ def _card(report: dict) -> str:
         "",
         "# OCR dataset built with ocrtune",
         "",
+        *[f"**Warning:** {w}.\n" for w in report.get("warnings", [])],
         f"Source: `{report['source']}` from `{report['input']}`. Prompt: `{report['prompt']!r}`.",
         "",
         "| split | records |",
@@ -316,6 +317,8 @@ def build_dataset(
             },
             "leakage": leakage,
         }
+        report["warnings"] = empty_split_warnings(
+            report["counts"], {"validation": val_fraction, "test": test_fraction}, len(set(groups)))
         data_dir = staging / "data"
         # An empty split must still be written as one (empty) shard: datasets saves it with
         # zero shards by default and then cannot load the folder back.
@@ -336,6 +339,20 @@ def build_dataset(
         return BuildResult(output=output, report=report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_dataset_dir(path: str | Path) -> bool:
+    """A folder `datasets.load_from_disk` reads as a DatasetDict (what `build_dataset` writes)."""
+    return (Path(path) / "dataset_dict.json").is_file()
+
+
+def empty_split_warnings(counts: dict, fractions: dict, groups: int) -> list[str]:
+    """One line per split asked for (fraction > 0) that came out empty: with few groups
+    (writers, templates, duplicate images) a grouped split cannot honour small fractions."""
+    return [f"the {split} split is empty though its fraction is {fraction:g}: the {counts['accepted']} accepted "
+            f"items form only {groups} group(s) (declared groups, identical and near-duplicate images), and "
+            f"whole groups go to one split; add items or groups, or raise the fraction"
+            for split, fraction in fractions.items() if fraction > 0 and counts[split] == 0]
 
 
 def read_dataset_info(path: str | Path) -> dict:

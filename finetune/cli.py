@@ -70,6 +70,8 @@ def _data_build(args) -> int:
           f"(see {result.output / 'build_report.json'})")
     for r in result.report["rejected"][:20]:
         print(f"  rejected {r['item']}: {r['reason']}")
+    for w in result.report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 

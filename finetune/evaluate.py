@@ -129,7 +129,7 @@ def evaluate(
     from datasets import load_from_disk
     from tqdm.auto import tqdm
 
-    from data_prep.build import read_dataset_info
+    from data_prep.build import is_dataset_dir, read_dataset_info
     from finetune.endpoint import run_endpoint
     from finetune.generate import Generation, generate_pages
     from finetune.html_report import write_html
@@ -140,7 +140,7 @@ def evaluate(
     from finetune.sequence import builder_for
 
     data, output = Path(data), Path(output)
-    if not (data / "dataset_dict.json").is_file():
+    if not is_dataset_dir(data):
         raise EvalError(f"--data {data}: not a dataset directory (build one with `ocrtune data build`)")
     splits = load_from_disk(str(data))
     if split not in splits:

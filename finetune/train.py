@@ -112,7 +112,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from transformers import get_linear_schedule_with_warmup
 
     from data_prep.atomic import write_text_atomic
-    from data_prep.build import read_dataset_info
+    from data_prep.build import is_dataset_dir, read_dataset_info
     from finetune.checkpoint import CheckpointError, latest_complete, load_checkpoint, save_checkpoint
     from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets
@@ -156,7 +156,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
     # --- Data ------------------------------------------------------------------------------
     data_path = Path(cfg.data.path)
-    if not (data_path / "dataset_dict.json").is_file():
+    if not is_dataset_dir(data_path):
         raise TrainError(f"data.path {data_path}: not a dataset directory (build one with `ocrtune data build`)")
     splits = load_from_disk(str(data_path))
     if cfg.data.train_split not in splits:

@@ -19,7 +19,9 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
     """(valid, lines to print) for one config file."""
     import yaml
 
+    from data_prep.build import is_dataset_dir
     from finetune.config import ConfigError, load_config
+    from finetune.models import ModelNameError, looks_like_hub_id, resolve_model
 
     path = Path(path)
     try:
@@ -42,8 +44,6 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
     lines = []
     name = cfg.model.name
     if name.startswith("builtin:") or Path(name).exists():
-        from finetune.models import ModelNameError, resolve_model
-
         try:
             family = resolve_model(name).family
         except ModelNameError as exc:
@@ -55,9 +55,9 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
         if cfg.train.cache_vision_features and family.MODEL_TYPE != "deepseek_ocr":
             return False, [f"error {path}: train.cache_vision_features: supported for DeepSeek-OCR (v1) only, "
                            f"not {family.MODEL_TYPE}"]
-    elif name.count("/") != 1 or name.startswith((".", "/")):  # a local path that is not there (yet)
+    elif not looks_like_hub_id(name):  # a local path that is not there (yet)
         lines.append(f"warning {path}: model.name {name} does not exist yet (a local checkpoint path)")
-    if not (Path(cfg.data.path) / "dataset_dict.json").is_file():
+    if not is_dataset_dir(cfg.data.path):
         lines.append(f"warning {path}: data.path {cfg.data.path} is not a built dataset yet (ocrtune data build)")
     t = cfg.train
     lines.append(f"ok {path}: model {name}, lora {cfg.lora.preset} r={cfg.lora.r}, {t.max_steps} steps of "

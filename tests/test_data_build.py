@@ -132,3 +132,34 @@ def test_bad_fractions_fail_before_any_work(tmp_path):
     with pytest.raises(BuildError, match=r"--val-fraction \(0.6\) and --test-fraction \(0.5\)"):
         build_dataset("folder", folder, tmp_path / "out", val_fraction=0.6, test_fraction=0.5, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_empty_split_asked_for_is_a_warning_in_output_and_report(tmp_path):
+    """2 writers, 15 lines, 10% fractions: whole groups go to one split, so validation and test
+    come out empty; the build says so instead of silently putting all 15 lines in train."""
+    from tests.helpers import run_cli
+
+    root = tmp_path / "lines"
+    (root / "img").mkdir(parents=True)
+    for i in range(15):
+        render_line(line_text(i)).save(root / "img" / f"{i}.png")
+    rows = [{"image": f"img/{i}.png", "markdown": line_text(i), "group": f"writer{i % 2}"} for i in range(15)]
+    manifest = write_manifest(root / "pages.jsonl", rows)
+    proc = run_cli("data", "build", "--source", "manifest", "--input", str(manifest), "--output", str(tmp_path / "out"),
+                   "--val-fraction", "0.1", "--test-fraction", "0.1", "--near-duplicate-threshold", "0", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert {s: report["counts"][s] for s in ("train", "validation", "test")} == {"train": 15, "validation": 0, "test": 0}
+    expected = [f"the {s} split is empty though its fraction is 0.1: the 15 accepted items form only 2 group(s) "
+                "(declared groups, identical and near-duplicate images), and whole groups go to one split; add items "
+                "or groups, or raise the fraction" for s in ("validation", "test")]
+    assert report["warnings"] == expected
+    assert [x for x in proc.stderr.splitlines() if x.startswith("warning: ")] == [f"warning: {w}" for w in expected]
+    assert f"**Warning:** {expected[1]}." in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_no_warning_when_every_split_asked_for_has_items(tmp_path):
+    folder = make_folder(tmp_path / "scans", 20)
+    res = build_dataset("folder", folder, tmp_path / "out", val_fraction=0.1, test_fraction=0.2,
+                        near_duplicate_threshold=0, progress=False)
+    assert res.report["warnings"] == [] and res.report["counts"]["validation"] > 0 and res.report["counts"]["test"] > 0

@@ -19,6 +19,11 @@ BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 BUILTIN_PREFIX = "builtin:"
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, not a relative or absolute path (what resolve_model downloads)."""
+    return name.count("/") == 1 and not name.startswith((".", "/"))
+
+
 class ModelNameError(OcrtuneError, ValueError):
     """A model name that resolves to nothing usable; the message says what was tried."""
 
@@ -85,7 +90,7 @@ def resolve_model(name: str) -> ResolvedModel:
         if not local.is_dir():
             raise ModelNameError(f"model {name!r}: is a file, expected a checkpoint directory")
         return ResolvedModel(str(local.resolve()), local, _family_of(local, name), is_local_path=True)
-    if name.count("/") != 1 or name.startswith((".", "/")):
+    if not looks_like_hub_id(name):
         raise ModelNameError(
             f"unknown model {name!r}: not a local directory, not builtin:NAME and not a Hub id (owner/name)"
         )
