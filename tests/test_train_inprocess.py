@@ -24,6 +24,10 @@ def test_base_weights_bit_identical_after_training(tiny_dataset, tmp_path):
     assert moved == 28  # 14 adapted Linear modules x (A, B)
     lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means it trained
+    import json
+
+    meta = json.loads((tmp_path / "run" / "adapter" / "ocrtune_adapter.json").read_text())
+    assert meta["vision"] == {"crop_to_patches": False, "min_tiles": 2, "max_tiles": 6, "mode": "base"}
 
 
 def test_full_preset_trains_every_weight_and_saves_a_loadable_checkpoint(tiny_dataset, tmp_path):

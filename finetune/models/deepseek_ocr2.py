@@ -64,8 +64,14 @@ class VisionSettings:
     min_tiles: int
     max_tiles: int
 
+    @property
+    def mode(self) -> str:
+        """The family's mode these settings amount to (MODES): tiles or not."""
+        return "gundam" if self.crop_to_patches else "base"
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        # The mode is recorded with adapters and reports, so inference reuses it as trained.
+        return asdict(self) | {"mode": self.mode}
 
 
 def default_vision(processor) -> VisionSettings:
