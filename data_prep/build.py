@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from data_prep import DEFAULT_PROMPT
 from data_prep.atomic import replace_dir
+from data_prep.errors import OcrtuneError
 from data_prep.images import DEFAULT_MAX_PIXELS, NEAR_HASH_BITS, ImageError, encode_png, near_hash, open_image, pixel_hash
 from data_prep.preprocess import Preprocess
 from data_prep.schema import FEATURES, Reject, meta_json
@@ -37,7 +38,7 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "validation", "test")
 
 
-class BuildError(RuntimeError):
+class BuildError(OcrtuneError, RuntimeError):
     """The build cannot produce a dataset; nothing was written."""
 
 

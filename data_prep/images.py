@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data_prep.errors import OcrtuneError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 # 100 megapixels: a 600-dpi A3 scan is ~70 MP; anything larger is almost certainly
@@ -21,7 +23,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", "
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
-class ImageError(ValueError):
+class ImageError(OcrtuneError, ValueError):
     """An image that cannot be used; the message says why."""
 
 

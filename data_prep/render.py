@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from data_prep.errors import OcrtuneError
+
 # Printed text: matplotlib's DejaVu and STIX families (sans, serif, mono, bold, italic).
 PRINTED_FONTS = (
     "matplotlib:DejaVuSans.ttf",
@@ -60,7 +62,7 @@ HANDWRITING_FONTS = (
 CAPITALS_ONLY = ("package:font_amatic_sc", "package:fontpkg_permanent_marker")
 
 
-class FontError(ValueError):
+class FontError(OcrtuneError, ValueError):
     """A font spec that names no usable font file."""
 
 

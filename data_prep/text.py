@@ -5,8 +5,10 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
+from data_prep.errors import OcrtuneError
 
-class TextError(ValueError):
+
+class TextError(OcrtuneError, ValueError):
     """A transcript that cannot be used; the message says why."""
 
 

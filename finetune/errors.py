@@ -14,23 +14,19 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from data_prep.errors import OcrtuneError  # noqa: F401  (the base of every user error; re-exported)
+
 ERROR_LOG = "ocrtune-error.log"
 INTERNAL_EXIT = 1
 USER_EXIT = 2
 
 
-class OcrtuneError(Exception):
-    """A user error: bad input, config, file or model name. Its message names the file, field
-    or key; the CLI prints it as one line and exits 2. Every finetune error class derives
-    from it (data_prep's, which may not import finetune, are listed in `user_errors`)."""
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """What the CLI reports as "your input is wrong". Checked by base class, so an error class
-    defined in a module that runs as __main__ (`python -m finetune.train`) is still caught."""
-    from data_prep.build import BuildError
-
-    return (OcrtuneError, BuildError, ValueError, FileNotFoundError, FileExistsError)
+    defined in a module that runs as __main__ (`python -m finetune.train`) is still caught.
+    ValueError and the two file errors stay here for the messages that library code and a few
+    argument checks of ours still raise as plain ValueError."""
+    return (OcrtuneError, ValueError, FileNotFoundError, FileExistsError)
 
 
 def _versions() -> str:

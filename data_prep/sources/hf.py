@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_prep.errors import OcrtuneError
 from data_prep.schema import Candidate
 from data_prep.sources.paths import UnsafePath, resolve_inside
 from data_prep.text import clean_text
 
 
-class SourceError(ValueError):
+class SourceError(OcrtuneError, ValueError):
     """The input cannot be read at all (as opposed to a bad record, which is rejected)."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_prep.errors import OcrtuneError
 
-class UnsafePath(ValueError):
+
+class UnsafePath(OcrtuneError, ValueError):
     pass
 
 
