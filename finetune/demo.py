@@ -48,10 +48,10 @@ class FamilyDemo:
     test_fraction: float
 
 
-# v1 is the default: its base reads printed scans far better (6.3% CER on printed-scan lines after
-# three pretraining stages; OCR-2 was pretrained on light print only) and its steps cost half as much
-# on a CPU, so its 5 minutes buy 10,000 lines and 900 steps; OCR-2's buy 2,000 lines and 600 steps.
-# Both keep ~300-400 test lines.
+# v1 is the default: its base had three pretraining stages on printed and degraded print (OCR-2's
+# only on light print) and reads printed scans far better, and its steps cost about half as much on
+# a CPU, so the same few minutes buy more lines and steps. Both keep ~300-400 test lines. How each
+# reads and adapts: BENCHMARKS.md.
 FAMILIES = {
     "deepseek-ocr": FamilyDemo("runs/demo_handwriting.yaml", lines=10000, test_fraction=0.04),
     "deepseek-ocr-2": FamilyDemo("runs/demo_handwriting_ocr2.yaml", lines=2000, test_fraction=0.15),
