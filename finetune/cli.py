@@ -320,7 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     stage = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)
     # An internal error's traceback goes to the command's output folder where it has one
     # (eval, predict, score, data build), else to a temp file.
-    return run_command(stage, lambda: args.func(args), lambda: getattr(args, "output", None))
+    code = run_command(stage, lambda: args.func(args), lambda: getattr(args, "output", None))
+    _close_process_group()
+    return code
+
+
+def _close_process_group() -> None:
+    """Under torchrun / accelerate launch (sharded eval), leave the process group before the
+    interpreter exits: a gloo group torn down by interpreter shutdown instead can abort the
+    process ("terminate called without an active exception") after its work is done."""
+    td = sys.modules.get("torch.distributed")  # never imported by commands that run no model
+    if td is not None and td.is_available() and td.is_initialized():
+        td.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,3 +27,12 @@ def tiny_dataset(tmp_path_factory):
     folder = make_folder(root / "scans", 40)
     result = build_dataset("folder", folder, root / "data", val_fraction=0.1, test_fraction=0.2, seed=0, progress=False)
     return result.output
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    """Two tiers: tests marked `integration` (CLI subprocesses, training and generation runs) and
+    everything else, marked `unit` here (`pytest -m unit`: seconds to a couple of minutes)."""
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in ("integration", "slow")):
+            item.add_marker(pytest.mark.unit)

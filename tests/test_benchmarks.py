@@ -2,6 +2,8 @@
 
 import importlib.util
 
+import pytest
+
 from tests.helpers import REPO
 
 
@@ -24,6 +26,7 @@ def test_data_build_benchmark_runs(tmp_path):
     assert result["speedup"] > 0
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_train_memory_benchmark_runs_every_setting_with_the_same_loss():
     spec = importlib.util.spec_from_file_location("train_memory", REPO / "benchmarks" / "train_memory.py")
     module = importlib.util.module_from_spec(spec)

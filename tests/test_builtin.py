@@ -8,6 +8,8 @@ import torch
 from finetune.models import BUILTIN_DIR
 from finetune.models.tiny import build_tiny_random
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
 
 def test_tiny_random_regenerates_identically(tmp_path):
     build_tiny_random(tmp_path / "m", seed=0)

@@ -77,6 +77,7 @@ def test_every_recipe_parses_and_names_shipped_configs(path: Path):
             load_config(REPO / ref)
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_ocrtune_validate_cli(tmp_path):
     from tests.helpers import run_cli
 
@@ -108,6 +109,7 @@ def test_preset_choices_are_the_resolvers():
     assert typing.get_args(typing.get_type_hints(LoraSettings)["preset"]) == PRESET_CHOICES
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_validate_checks_family_choices_without_weights(tmp_path):
     from tests.helpers import run_cli
 
@@ -127,6 +129,7 @@ def test_validate_checks_family_choices_without_weights(tmp_path):
     assert "dtype.yaml: model.dtype 'bf17': choose one of auto, float32, bfloat16, float16" in out
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_train_bad_choice_exits_2_naming_the_key(tmp_path):
     from tests.helpers import run_cli
 
@@ -138,6 +141,7 @@ def test_train_bad_choice_exits_2_naming_the_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_train_print_config_shows_the_resolved_config(tmp_path):
     import yaml
 

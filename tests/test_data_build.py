@@ -134,6 +134,7 @@ def test_bad_fractions_fail_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_empty_split_asked_for_is_a_warning_in_output_and_report(tmp_path):
     """2 writers, 15 lines, 10% fractions: whole groups go to one split, so validation and test
     come out empty; the build says so instead of silently putting all 15 lines in train."""

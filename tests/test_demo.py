@@ -10,6 +10,9 @@ from datasets import load_from_disk
 from finetune.metrics import edit_counts
 from tests.helpers import run_cli
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -19,6 +19,9 @@ from PIL import Image, ImageDraw
 from finetune.config import load_config
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
+
 OURS = (str(REPO / "finetune"), str(REPO / "data_prep"))
 LIBRARY = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 

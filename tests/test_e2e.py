@@ -12,6 +12,9 @@ import pytest
 from finetune.metrics import edit_counts
 from tests.helpers import REPO, TINY, make_folder, run_cli, tree
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
+
 STEPS = 30
 
 

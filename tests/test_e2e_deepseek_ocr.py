@@ -11,6 +11,9 @@ import pytest
 from finetune.metrics import edit_counts
 from tests.helpers import REPO, make_folder, run_cli, tree
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
+
 TINY_V1 = "builtin:tiny-random-deepseek-ocr"
 STEPS = 30
 

@@ -1,6 +1,10 @@
 """Bad input: a clear message naming the file, field or key, exit status 2, nothing written."""
 
+import pytest
+
 from tests.helpers import REPO, TINY, make_folder, run_cli
+
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
 
 
 def test_eval_missing_dataset_dir(tmp_path):

@@ -18,6 +18,9 @@ from finetune.checkpoint import MARKER, step_dirs
 from finetune.faults import SIGTERM_EXIT
 from tests.helpers import REPO, TINY, step_sample_ids, train_args, train_env
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
+
 STEPS = 16
 
 

@@ -13,6 +13,9 @@ from finetune.config import ConfigError, load_config
 from finetune.train import train
 from tests.helpers import REPO, run_cli
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
+
 TINY_V1 = "builtin:tiny-random-deepseek-ocr"
 
 

@@ -109,6 +109,7 @@ def test_bad_report_path_and_base_id_are_named(tmp_path):
         stage(adapter, "me/x", base_model_id="not an id")
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_push_cli_bad_report_exits_2_and_writes_nothing(tmp_path):
     from tests.helpers import run_cli
 

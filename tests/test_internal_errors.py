@@ -13,6 +13,8 @@ from PIL import Image
 from finetune.models import resolve_model
 from tests.helpers import REPO, run_cli
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
 
 @pytest.fixture(scope="module")
 def broken_model(tmp_path_factory):

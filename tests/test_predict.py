@@ -2,9 +2,13 @@
 
 import json
 
+import pytest
+
 from finetune.predict import PAGE_BREAK, strip_grounding
 from tests.helpers import TINY, make_folder, run_cli
 from tests.test_sources import _pdf
+
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
 
 
 def test_strip_grounding_keeps_the_text():

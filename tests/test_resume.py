@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 from finetune.checkpoint import MARKER, step_dirs
 from tests.helpers import REPO, step_sample_ids, train_args, train_env
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
+
 STEPS = 24
 
 

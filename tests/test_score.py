@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
 from finetune.metrics import system_metrics
 from tests.helpers import run_cli
+
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
 
 
 def _write(path, rows):

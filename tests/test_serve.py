@@ -16,6 +16,8 @@ import pytest
 
 from tests.helpers import REPO, TINY, make_folder, render_line, run_cli
 
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
 
 def _data_url(image) -> str:
     buf = io.BytesIO()

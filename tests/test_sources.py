@@ -291,6 +291,7 @@ def test_synthetic_corpus_renders_each_block(tmp_path):
     assert np.array_equal(np.asarray(_rows(tmp_path / "again")["corpus-000001"]["image"]), np.asarray(two_lines))
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_cli_sources_and_misplaced_flags(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(f"line number {i}" for i in range(12)))

@@ -176,6 +176,7 @@ def test_small_test_split_gets_its_share_of_big_groups():
     assert Counter(assign_splits(["a"] * 5 + ["b"] * 5 + ["c"] * 5, 0.0, 0.1, 0)) == {"train": 10, "test": 5}
 
 
+@pytest.mark.integration  # a CLI subprocess or a training run
 def test_synthetic_cli_errors_exit_2(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "data_prep.synthetic", *args], capture_output=True, text=True)

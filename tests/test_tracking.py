@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, run_cli, wandb_history, wandb_records
+
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
+
 
 TOKEN = "hf_ocrtuneTestSecret0123456789abcdefXYZ"
 

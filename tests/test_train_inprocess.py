@@ -1,11 +1,14 @@
 """Training in-process: base weights untouched, only LoRA tensors move, loss normalised per token."""
 
+import pytest
 import torch
 
 from finetune.config import load_config
 from finetune.models import load_model
 from finetune.train import train
 from tests.helpers import REPO, TINY
+
+pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
 
 
 def test_base_weights_bit_identical_after_training(tiny_dataset, tmp_path):
