@@ -20,6 +20,14 @@ import torch
 IMAGE_INPUTS = ("pixel_values", "pixel_values_local", "images_spatial_crop")
 
 
+def unsupported(model_type: str) -> str | None:
+    """Why a family cannot cache (None if it can): the features come from the model's own
+    `image_features`, which ocrtune's native v1 model has and transformers' OCR-2 does not."""
+    if model_type != "deepseek_ocr":
+        return f"train.cache_vision_features: supported for DeepSeek-OCR (v1) only, not {model_type}"
+    return None
+
+
 class VisionFeatureCache:
     def __init__(self, image_features: Callable[..., list[torch.Tensor]]):
         """`image_features(pixel_values, pixel_values_local, images_spatial_crop)` -> one

@@ -28,7 +28,7 @@ import torch
 from finetune.compat import enable_activation_checkpointing, get_peft_model
 from finetune.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
 from finetune.errors import OcrtuneError
-from finetune.feature_cache import VisionFeatureCache
+from finetune.feature_cache import VisionFeatureCache, unsupported as unsupported_cache
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
 from finetune.loss import token_loss_sum
 from finetune.sequence import IGNORE_INDEX
@@ -213,8 +213,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     loss_fn = lambda m, batch: token_loss_sum(m, batch, lm_head, t.loss_chunk_tokens)  # noqa: E731
     feature_cache = None
     if t.cache_vision_features:  # load_config refused it with a trained vision side
-        if family.MODEL_TYPE != "deepseek_ocr":
-            raise TrainError(f"train.cache_vision_features: supported for DeepSeek-OCR (v1) only, not {family.MODEL_TYPE}")
+        if (why := unsupported_cache(family.MODEL_TYPE)) is not None:
+            raise TrainError(why)
         feature_cache = VisionFeatureCache(model.get_base_model().model.image_features)
         train_loss_fn = lambda m, batch: loss_fn(m, feature_cache.inputs(batch))  # noqa: E731
     else:

@@ -21,6 +21,7 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
 
     from data_prep.build import is_dataset_dir
     from finetune.config import ConfigError, load_config
+    from finetune.feature_cache import unsupported as unsupported_cache
     from finetune.models import ModelNameError, looks_like_hub_id, resolve_model
 
     path = Path(path)
@@ -52,9 +53,8 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
         if cfg.vision.mode is not None and cfg.vision.mode not in family.MODES:
             return False, [f"error {path}: vision.mode {cfg.vision.mode!r}: {family.MODEL_TYPE} has the modes "
                            f"{', '.join(family.MODES)}"]
-        if cfg.train.cache_vision_features and family.MODEL_TYPE != "deepseek_ocr":
-            return False, [f"error {path}: train.cache_vision_features: supported for DeepSeek-OCR (v1) only, "
-                           f"not {family.MODEL_TYPE}"]
+        if cfg.train.cache_vision_features and (why := unsupported_cache(family.MODEL_TYPE)) is not None:
+            return False, [f"error {path}: {why}"]
     elif not looks_like_hub_id(name):  # a local path that is not there (yet)
         lines.append(f"warning {path}: model.name {name} does not exist yet (a local checkpoint path)")
     if not is_dataset_dir(cfg.data.path):
