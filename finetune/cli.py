@@ -17,7 +17,6 @@ prints one line naming the stage and the log file that holds its traceback, and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

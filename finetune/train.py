@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from finetune.compat import enable_activation_checkpointing, get_peft_model
-from finetune.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
+from finetune.config import RunConfig, dump_yaml, load_config, to_dict
 from finetune.errors import OcrtuneError
 from finetune.feature_cache import VisionFeatureCache, unsupported as unsupported_cache
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
