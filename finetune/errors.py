@@ -14,19 +14,18 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from data_prep.errors import OcrtuneError  # noqa: F401  (the base of every user error; re-exported)
+from data_prep.errors import OcrtuneError  # the base of every user error; re-exported
 
 ERROR_LOG = "ocrtune-error.log"
 INTERNAL_EXIT = 1
 USER_EXIT = 2
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """What the CLI reports as "your input is wrong". Checked by base class, so an error class
-    defined in a module that runs as __main__ (`python -m finetune.train`) is still caught.
-    ValueError and the two file errors stay here for the messages that library code and a few
-    argument checks of ours still raise as plain ValueError."""
-    return (OcrtuneError, ValueError, FileNotFoundError, FileExistsError)
+# What the CLI reports as "your input is wrong", caught by base class, so an error class defined
+# in a module that runs as __main__ (`python -m finetune.train`) is still caught. ValueError and
+# the two file errors stay for messages that library code and a few argument checks of ours
+# still raise as plain ValueError.
+USER_ERRORS = (OcrtuneError, ValueError, FileNotFoundError, FileExistsError)
 
 
 def _versions() -> str:
@@ -73,7 +72,7 @@ def run_command(stage: str | Callable[[], str], fn: Callable[[], int | None],
     `log_dir` are read only on an internal error, so they can name what the body reached."""
     try:
         return fn() or 0
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_EXIT
     except Exception as exc:  # noqa: BLE001  everything else is ours to fix: logged, one line
