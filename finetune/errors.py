@@ -28,22 +28,26 @@ USER_EXIT = 2
 USER_ERRORS = (OcrtuneError, ValueError, FileNotFoundError, FileExistsError)
 
 
-def _versions() -> str:
+def library_versions() -> dict[str, str]:
+    """Python and the installed versions of ocrtune and the libraries it runs on, read from
+    package metadata (no import: on an error path the library itself may be what is broken).
+    Recorded in train_summary.json and the tracker config, and written into error logs."""
     from importlib.metadata import PackageNotFoundError, version
 
-    parts = [f"python {sys.version.split()[0]}"]
+    found = {"python": sys.version.split()[0]}
     for name in ("ocrtune", "torch", "transformers", "peft", "accelerate", "datasets", "huggingface_hub"):
         try:
-            parts.append(f"{name} {version(name)}")
+            found[name] = version(name)
         except PackageNotFoundError:
-            parts.append(f"{name} (not installed)")
-    return ", ".join(parts)
+            found[name] = "not installed"
+    return found
 
 
 def write_error_log(log_dir: str | Path | None, stage: str, exc: BaseException) -> Path:
     """Append the traceback to LOG_DIR/ocrtune-error.log (a temp file when LOG_DIR is None or
     cannot be written) and return its path. Appended, so the stages of one run share a log."""
-    text = (f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} internal error in {stage}\n{_versions()}\n"
+    text = (f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} internal error in {stage}\n"
+            + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + "\n"
             + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) + "\n")
     if log_dir is not None:
         try:

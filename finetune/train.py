@@ -27,7 +27,7 @@ import torch
 
 from finetune.compat import enable_activation_checkpointing, get_peft_model
 from finetune.config import RunConfig, dump_yaml, load_config, to_dict
-from finetune.errors import OcrtuneError
+from finetune.errors import OcrtuneError, library_versions
 from finetune.feature_cache import VisionFeatureCache, unsupported as unsupported_cache
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
 from finetune.loss import token_loss_sum
@@ -246,7 +246,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     if cfg.report_to:
         # The resolved config and library versions travel with the run; nothing from the
         # environment does (no token can reach the tracker through here).
-        accelerator.init_trackers("ocrtune", config={**to_dict(cfg), "versions": _versions()},
+        accelerator.init_trackers("ocrtune", config={**to_dict(cfg), "versions": library_versions()},
                                   init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}})
 
     ckpt_root = output_dir / "checkpoints"
@@ -403,7 +403,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         "vision_feature_cache": feature_cache.summary() if feature_cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "ledger": ledger,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if main:
         _save_weights(unwrapped, saved_dir, full, processor, family.ADAPTER_DISK_RENAMES, {**meta, "steps": step},
@@ -438,17 +438,6 @@ def _save_weights(unwrapped, target: Path, full: bool, processor, renames, meta:
         shutil.rmtree(staging, ignore_errors=True)
         raise TrainError(f"could not write {target} ({exc}); the previous {target.name}/ is untouched") from None
     replace_dir(staging, target)
-
-
-def _versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    import finetune
-
-    return {"ocrtune": finetune.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
