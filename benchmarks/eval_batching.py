@@ -18,7 +18,6 @@ def main(argv=None) -> dict:
     from data_prep.sample import line_text, render_line
     from finetune.generate import generate_pages
     from finetune.models import load_model
-    from finetune.runtime import resolve_vision
     from finetune.sequence import builder_for
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,7 +32,7 @@ def main(argv=None) -> dict:
     resolved, model, processor = load_model(args.model, device=device)
     model.eval()
     builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.",
-                          resolve_vision(resolved.family, processor))
+                          resolved.family.vision_settings(processor))
     pages = [(str(i), render_line(line_text(i))) for i in range(args.pages)]
 
     def timed(batch_size):

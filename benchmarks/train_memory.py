@@ -42,7 +42,7 @@ def worker(args) -> dict:
     from finetune.lora import lora_config, resolve_targets
     from finetune.loss import token_loss_sum
     from finetune.models import load_model
-    from finetune.runtime import resolve_dtype, resolve_vision
+    from finetune.runtime import resolve_dtype
     from finetune.sequence import builder_for
 
     on_gpu = torch.cuda.is_available()
@@ -56,7 +56,7 @@ def worker(args) -> dict:
         model.enable_input_require_grads()
     model.train()
     builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.",
-                          resolve_vision(resolved.family, processor))
+                          resolved.family.vision_settings(processor))
     texts = []
     for i in range(args.batch_size):
         text = ""

@@ -40,9 +40,9 @@ def build(size: str, device, dtype):
     import torch
 
     from finetune.models import load_model
-    from finetune.models import deepseek_ocr as v1
-    from finetune.models.deepseek_ocr_checkpoint import config_from_official
-    from finetune.models.deepseek_ocr_modeling import DeepseekOcrForConditionalGeneration
+    from finetune.models.deepseek_ocr import DeepseekOcrProcessor
+    from finetune.models.deepseek_ocr.checkpoint import config_from_official
+    from finetune.models.deepseek_ocr.modeling import DeepseekOcrForConditionalGeneration
 
     _, tiny, proc = load_model("builtin:tiny-random-deepseek-ocr")
     if size == "tiny":
@@ -66,7 +66,7 @@ def build(size: str, device, dtype):
     # The real model's token ids live in a 129,280 vocabulary; the tiny tokenizer's ids
     # (< 512) are valid there, and its <image> id is set as the placeholder.
     model.config.image_token_id = proc.tokenizer.convert_tokens_to_ids("<image>")
-    return model, v1.DeepseekOcrProcessor(proc.tokenizer)
+    return model, DeepseekOcrProcessor(proc.tokenizer)
 
 
 def main(argv=None) -> dict:
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     from finetune.generate import generate_pages
     from finetune.lora import lora_config, parameter_ledger, resolve_targets
     from finetune.loss import token_loss_sum
-    from finetune.models import deepseek_ocr as v1
+    from finetune.models.deepseek_ocr import DeepseekOcr
     from finetune.sequence import builder_for
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,14 +94,14 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model, proc = build(args.size, device, dtype)
     build_s = time.perf_counter() - t0
-    vision = v1.mode_vision(proc, "gundam")
-    builder = builder_for(v1, proc, model.config, "<image>\nFree OCR.", vision)
+    vision = DeepseekOcr().vision_settings(proc, "gundam")
+    builder = builder_for(DeepseekOcr(), proc, model.config, "<image>\nFree OCR.", vision)
     page = Image.new("RGB", (1000, 1500), "white")
     answer = " ".join(["word"] * args.target_tokens)
 
     model.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config(resolve_targets(model, "all", v1.LAYOUT), r=16, alpha=16, dropout=0.0))
-    trainable = parameter_ledger(peft_model, v1.LAYOUT)["total"]["trainable"]
+    peft_model = get_peft_model(model, lora_config(resolve_targets(model, "all", DeepseekOcr.LAYOUT), r=16, alpha=16, dropout=0.0))
+    trainable = parameter_ledger(peft_model, DeepseekOcr.LAYOUT)["total"]["trainable"]
     enable_activation_checkpointing(peft_model)
     peft_model.enable_input_require_grads()
     peft_model.train()

@@ -161,7 +161,7 @@ def evaluate(
     model, prompt, vision, guard = inf.model, inf.prompt, inf.vision, inf.guard
     if mode is not None:  # a resolution mode overrides the adapter's vision settings
         try:
-            vision = inf.family.mode_vision(inf.processor, mode)
+            vision = inf.family.vision_settings(inf.processor, mode)
         except ValueError as exc:
             raise EvalError(str(exc)) from None
     builder = builder_for(inf.family, inf.processor, model.config, prompt, vision)

@@ -1,9 +1,9 @@
-"""Small helpers shared by the entry points: dtypes, vision settings, prompts, atomic writes."""
+"""Small helpers shared by the entry points: dtypes, prompts, adapter metadata, loading for inference."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,14 +20,6 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name not in table:
         raise ValueError(f"model.dtype {name!r}: choose auto, float32, bfloat16 or float16")
     return table[name]
-
-
-def resolve_vision(family, processor, crop_to_patches=None, min_tiles=None, max_tiles=None, mode=None):
-    """Explicit settings over the checkpoint's own; `mode` (a family's resolution mode, e.g.
-    DeepSeek-OCR's tiny/small/base/large/gundam) first, then the individual knobs."""
-    base = family.mode_vision(processor, mode) if mode else family.default_vision(processor)
-    changes = {"crop_to_patches": crop_to_patches, "min_tiles": min_tiles, "max_tiles": max_tiles}
-    return replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 def choose_prompt(explicit: str | None, adapter_meta: dict | None, dataset_info: dict) -> str:
@@ -84,8 +76,8 @@ def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str 
         model = load_adapter(model, adapter, "adapted", resolved.family.ADAPTER_DISK_RENAMES)
     model.eval()
     saved = meta.get("vision", {})
-    vision = resolve_vision(resolved.family, processor, saved.get("crop_to_patches"), saved.get("min_tiles"),
-                            saved.get("max_tiles"), saved.get("mode"))
+    vision = resolved.family.vision_settings(processor, saved.get("mode"), saved.get("crop_to_patches"),
+                                             saved.get("min_tiles"), saved.get("max_tiles"))
     guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
     return Inference(resolved.name, model, processor, resolved.family, vision, guard,
                      choose_prompt(prompt, meta, dataset_info or {}))

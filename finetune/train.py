@@ -117,7 +117,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets
     from finetune.models import BUILTIN_PREFIX, load_model
-    from finetune.runtime import choose_prompt, resolve_dtype, resolve_vision
+    from finetune.runtime import choose_prompt, resolve_dtype
     from finetune.sequence import builder_for
     from finetune.validation import validate
 
@@ -175,8 +175,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     resolved, model, processor = load_model(cfg.model.name, dtype=resolve_dtype(cfg.model.dtype, on_gpu))
     family = resolved.family
     try:
-        vision = resolve_vision(family, processor, cfg.vision.crop_to_patches, cfg.vision.min_tiles,
-                                cfg.vision.max_tiles, cfg.vision.mode)
+        vision = family.vision_settings(processor, cfg.vision.mode, cfg.vision.crop_to_patches, cfg.vision.min_tiles,
+                                        cfg.vision.max_tiles)
     except ValueError as exc:
         raise TrainError(f"vision.mode: {exc}") from None
     builder = builder_for(family, processor, model.config, prompt, vision)

@@ -31,12 +31,11 @@ def test_processor_bans_only_generated_tokens_and_spares_the_whitelist():
 def test_generation_with_the_guard_never_repeats_an_ngram():
     from finetune.generate import generate_pages
     from finetune.models import load_model
-    from finetune.runtime import resolve_vision
     from finetune.sequence import builder_for
     from tests.helpers import TINY, render_line
 
     resolved, model, processor = load_model(TINY)
-    builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.", resolve_vision(resolved.family, processor))
+    builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.", resolved.family.vision_settings(processor))
     pages = [(str(i), render_line(f"line {i}")) for i in range(4)]
     plain = generate_pages(model.eval(), builder, pages, 4, 24)
     guarded = generate_pages(model, builder, pages, 4, 24, guard=RepetitionGuard(ngram_size=3, window=90))

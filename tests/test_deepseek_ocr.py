@@ -12,15 +12,16 @@ from PIL import Image
 
 from finetune.lora import lora_config, parameter_ledger, resolve_targets
 from finetune.models import BUILTIN_DIR, ModelNameError, load_model
-from finetune.models import deepseek_ocr as v1
-from finetune.models.deepseek_ocr_checkpoint import (
+from finetune.models.deepseek_ocr import DeepseekOcr
+from finetune.models.deepseek_ocr import processor as v1
+from finetune.models.deepseek_ocr.checkpoint import (
     OfficialLayoutError,
     check_keys,
     config_from_official,
     from_official,
     to_official,
 )
-from finetune.models.deepseek_ocr_modeling import DeepseekOcrForConditionalGeneration
+from finetune.models.deepseek_ocr.modeling import DeepseekOcrForConditionalGeneration
 from finetune.sequence import builder_for
 
 TINY_V1 = "builtin:tiny-random-deepseek-ocr"
@@ -116,7 +117,7 @@ def full_size_meta_model():
                                                   ("base", 256, 273, 1024), ("large", 400, 421, 1280)])
 @pytest.mark.parametrize("page", [(800, 1200), (1600, 900), (500, 500), (3000, 400)])
 def test_single_view_modes_count_tokens_and_ids(real_processor, mode, tokens, ids, side, page):
-    vision = v1.mode_vision(real_processor, mode)
+    vision = DeepseekOcr().vision_settings(real_processor, mode)
     pixels, n = v1.encode_image(real_processor, Image.new("RGB", page, "white"), vision)
     assert n == ids
     assert v1.vision_tokens(real_processor, vision, pixels["grid"]) == tokens
@@ -132,7 +133,7 @@ def test_single_view_modes_count_tokens_and_ids(real_processor, mode, tokens, id
     ((600, 400), (1, 1), 273),  # within one 640 tile: no tiles, global view only
 ])
 def test_gundam_tiles_by_aspect_ratio(real_processor, page, grid, ids):
-    vision = v1.mode_vision(real_processor, "gundam")
+    vision = DeepseekOcr().vision_settings(real_processor, "gundam")
     assert (vision.base_size, vision.image_size, vision.min_tiles, vision.max_tiles) == (1024, 640, 2, 6)
     pixels, n = v1.encode_image(real_processor, Image.new("RGB", page, "white"), vision)
     assert pixels["grid"] == grid and n == ids
@@ -143,20 +144,20 @@ def test_gundam_tiles_by_aspect_ratio(real_processor, page, grid, ids):
 
 def test_global_view_padding_is_mean_grey_and_small_modes_squash(real_processor):
     page = Image.new("RGB", (400, 200), "white")
-    base, _ = v1.encode_image(real_processor, page, v1.mode_vision(real_processor, "base"))
+    base, _ = v1.encode_image(real_processor, page, DeepseekOcr().vision_settings(real_processor, "base"))
     px = base["pixel_values"][0]
     grey = (127 / 255 - 0.5) / 0.5  # mean = std = 0.5
     assert torch.allclose(px[:, 0, :], torch.full_like(px[:, 0, :], grey))  # top band is padding
     assert torch.allclose(px[:, 512, :], torch.ones_like(px[:, 512, :]))  # the page, white
-    tiny, _ = v1.encode_image(real_processor, page, v1.mode_vision(real_processor, "tiny"))
+    tiny, _ = v1.encode_image(real_processor, page, DeepseekOcr().vision_settings(real_processor, "tiny"))
     assert torch.allclose(tiny["pixel_values"], torch.ones_like(tiny["pixel_values"]))  # squashed: no padding
 
 
-@pytest.mark.parametrize("mode", v1.MODES)
+@pytest.mark.parametrize("mode", DeepseekOcr.MODES)
 def test_tiny_model_agrees_with_processor_and_places_newlines(mode):
     _, model, proc = load_model(TINY_V1)
-    vision = v1.mode_vision(proc, mode)
-    builder = builder_for(v1, proc, model.config, "<image>\nFree OCR.", vision)
+    vision = DeepseekOcr().vision_settings(proc, mode)
+    builder = builder_for(DeepseekOcr(), proc, model.config, "<image>\nFree OCR.", vision)
     pages = [Image.new("RGB", size, "white") for size in ((200, 60), (60, 150), (30, 30))]
     examples = [builder.build(str(i), p, "ab") for i, p in enumerate(pages)]
     batch = builder.collate(examples)
@@ -261,8 +262,8 @@ def test_full_size_ledger_reproduces_published_lora_count(full_size_meta_model):
 
     model = full_size_meta_model
     model.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config(resolve_targets(model, "all", v1.LAYOUT), r=16, alpha=16, dropout=0.0))
-    ledger = parameter_ledger(peft_model, v1.LAYOUT)
+    peft_model = get_peft_model(model, lora_config(resolve_targets(model, "all", DeepseekOcr.LAYOUT), r=16, alpha=16, dropout=0.0))
+    ledger = parameter_ledger(peft_model, DeepseekOcr.LAYOUT)
     trainable = {g: row["trainable"] for g, row in ledger.items() if row["trainable"] and g != "total"}
     assert trainable == {"attention": 1_966_080, "dense_mlp": 390_144, "shared_experts": 11 * 147_456,
                          "routed_experts": 11 * 64 * 104_448}
@@ -276,13 +277,13 @@ def test_projector_and_vision_lora_get_gradients_when_asked():
 
     _, model, proc = load_model(TINY_V1)
     model.requires_grad_(False)
-    targets = resolve_targets(model, "attention", v1.LAYOUT, vision_lora=True)
+    targets = resolve_targets(model, "attention", DeepseekOcr.LAYOUT, vision_lora=True)
     peft_model = get_peft_model(model, lora_config(targets, r=4, alpha=8, dropout=0.0,
-                                                   modules_to_save=list(v1.LAYOUT.projector_modules)))
-    ledger = parameter_ledger(peft_model, v1.LAYOUT)
+                                                   modules_to_save=list(DeepseekOcr.LAYOUT.projector_modules)))
+    ledger = parameter_ledger(peft_model, DeepseekOcr.LAYOUT)
     assert ledger["projector"]["trainable"] == 64 * 32 + 32  # Linear(2048 -> 1280) at tiny size: 64 -> 32
     assert ledger["vision"]["trainable"] == 4 * (4 * (32 + 32) + (32 + 64) + (64 + 32))  # q,k,v,out,fc1,fc2 r=4
-    builder = builder_for(v1, proc, model.config, "<image>\nFree OCR.", v1.default_vision(proc))
+    builder = builder_for(DeepseekOcr(), proc, model.config, "<image>\nFree OCR.", DeepseekOcr().vision_settings(proc))
     batch = builder.collate([builder.build("a", Image.new("RGB", (120, 40), "white"), "ab")])
     batch.pop("ids")
     peft_model.train()

@@ -159,12 +159,11 @@ def test_batched_generation_equals_one_at_a_time(loop):
     from finetune.generate import generate_pages
     from finetune.lora import load_adapter
     from finetune.models import load_model
-    from finetune.models.deepseek_ocr2 import ADAPTER_DISK_RENAMES, default_vision
     from finetune.sequence import builder_for
 
     resolved, model, processor = load_model(TINY)
-    model = load_adapter(model, loop["work"] / "run/adapter", "adapted", ADAPTER_DISK_RENAMES).eval()
-    builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.", default_vision(processor))
+    model = load_adapter(model, loop["work"] / "run/adapter", "adapted", resolved.family.ADAPTER_DISK_RENAMES).eval()
+    builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.", resolved.family.vision_settings(processor))
     rows = load_from_disk(str(loop["work"] / "data"))["test"]
     pages = [(r["id"], r["image"]) for r in rows]
     one = generate_pages(model, builder, pages, batch_size=1, max_new_tokens=16)

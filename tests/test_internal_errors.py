@@ -35,7 +35,7 @@ def _one_line(proc, stage: str, log) -> None:
     assert last.endswith(f"(traceback in {log})"), last
     text = log.read_text()
     assert text.startswith("=== ") and f"internal error in {stage}\n" in text
-    assert "Traceback (most recent call last)" in text and "deepseek_ocr_modeling.py" in text
+    assert "Traceback (most recent call last)" in text and "deepseek_ocr/modeling.py" in text
     assert "transformers 5." in text and "torch 2." in text  # versions for a bug report
 
 

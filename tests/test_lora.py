@@ -6,8 +6,10 @@ from torch import nn
 
 from finetune.lora import lora_config, parameter_ledger, resolve_targets
 from finetune.models import load_model
-from finetune.models.deepseek_ocr2 import LAYOUT
+from finetune.models.deepseek_ocr2 import DeepseekOcr2
 from tests.helpers import TINY
+
+LAYOUT = DeepseekOcr2.LAYOUT
 
 # Tiny model: hidden 32, 2 decoder layers (layer 0 dense MLP 32->64, layer 1 MoE with
 # 4 routed experts of width 16 and 1 shared expert of width 16). LoRA r=8 adds

@@ -9,11 +9,10 @@ from tests.helpers import render_line
 
 
 def _batch(tiny):
-    from finetune.models.deepseek_ocr2 import default_vision
     from finetune.sequence import builder_for
 
     resolved, model, processor = tiny
-    builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.", default_vision(processor))
+    builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.", resolved.family.vision_settings(processor))
     batch = builder.collate([builder.build("a", render_line("total 12"), "total 12"),
                              builder.build("b", render_line("phone 5551234 ext 99"), "phone 5551234 ext 99")])
     batch.pop("ids")

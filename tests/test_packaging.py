@@ -30,3 +30,12 @@ def test_transformers_is_capped_below_an_untested_minor():
     upper = re.search(r"<(\d+)\.(\d+)(?:,|$)", spec)
     assert upper is not None, f"{spec}: no upper bound on transformers"
     assert int(upper.group(1)) == 5 and int(upper.group(2)) >= 24, spec
+
+
+def test_every_python_package_is_in_the_wheel():
+    """A package missing from [tool.setuptools] packages works in an editable install and is
+    absent from a real one."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for top in ("finetune", "data_prep")
+             for p in (REPO / top).rglob("__init__.py")}
+    assert found <= listed, f"packages not in pyproject.toml: {sorted(found - listed)}"

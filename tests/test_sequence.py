@@ -2,7 +2,6 @@
 
 import torch
 
-from finetune.models.deepseek_ocr2 import default_vision
 from finetune.sequence import IGNORE_INDEX, builder_for
 from tests.helpers import render_line
 
@@ -11,7 +10,7 @@ PROMPT = "<image>\nFree OCR."
 
 def make_builder(tiny, prompt=PROMPT):
     resolved, model, processor = tiny
-    return builder_for(resolved.family, processor, model.config, prompt, default_vision(processor))
+    return builder_for(resolved.family, processor, model.config, prompt, resolved.family.vision_settings(processor))
 
 
 def test_known_sample_has_exact_masked_and_unmasked_positions(tiny):

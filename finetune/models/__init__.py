@@ -1,4 +1,4 @@
-"""Model names -> a loaded (model, processor) and the family module that knows its layout.
+"""Model names -> a loaded (model, processor) and the family that knows its layout.
 
 Accepted names, everywhere a model is asked for:
   builtin:NAME            a model shipped inside the package (finetune/builtin/NAME)
@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
-from finetune.errors import OcrtuneError
+from finetune.models.family import ModelFamily, ModelNameError
+from finetune.models.registry import family_for_config, hub_alias
+
+__all__ = ["BUILTIN_DIR", "BUILTIN_PREFIX", "ModelFamily", "ModelNameError", "ResolvedModel", "builtin_names",
+           "load_model", "looks_like_hub_id", "resolve_model"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 BUILTIN_PREFIX = "builtin:"
@@ -24,15 +27,11 @@ def looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/"))
 
 
-class ModelNameError(OcrtuneError, ValueError):
-    """A model name that resolves to nothing usable; the message says what was tried."""
-
-
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str  # canonical name to record in adapters and cards (hub id or builtin:NAME or a path)
     path: Path  # local directory with config.json
-    family: ModuleType  # finetune.models.<family> module
+    family: ModelFamily  # the family that reads it (from its config.json)
     is_local_path: bool  # True when `name` is a filesystem path (cannot be published as a base id)
 
 
@@ -40,29 +39,7 @@ def builtin_names() -> list[str]:
     return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
 
 
-def family_for_model_type(model_type: str, where: str, raw: dict | None = None) -> ModuleType:
-    # Imported lazily so that `import finetune.models` stays cheap.
-    if model_type == "deepseek_ocr2":
-        from finetune.models import deepseek_ocr2
-
-        return deepseek_ocr2
-    if model_type == "deepseek_vl_v2":
-        from finetune.models import deepseek_ocr
-        from finetune.models.deepseek_ocr_checkpoint import is_v1_config
-
-        if is_v1_config(raw or {}):
-            return deepseek_ocr
-        raise ModelNameError(
-            f"{where}: model_type 'deepseek_vl_v2' without CLIP-L in vision_config.width is not DeepSeek-OCR (v1); "
-            "for DeepSeek-OCR-2 use the transformers layout (deepseek-community/DeepSeek-OCR-2)"
-        )
-    raise ModelNameError(
-        f"{where}: model_type {model_type!r} is not supported by ocrtune "
-        "(supported: deepseek_ocr2, and deepseek_vl_v2 for DeepSeek-OCR v1)"
-    )
-
-
-def _family_of(path: Path, where: str) -> ModuleType:
+def _family_of(path: Path, where: str) -> ModelFamily:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelNameError(f"{where}: no config.json in {path}")
@@ -70,7 +47,7 @@ def _family_of(path: Path, where: str) -> ModuleType:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelNameError(f"{cfg_file}: invalid JSON ({exc.msg})") from exc
-    return family_for_model_type(raw.get("model_type", ""), str(cfg_file), raw)
+    return family_for_config(raw, str(cfg_file))
 
 
 def resolve_model(name: str) -> ResolvedModel:
@@ -94,9 +71,7 @@ def resolve_model(name: str) -> ResolvedModel:
         raise ModelNameError(
             f"unknown model {name!r}: not a local directory, not builtin:NAME and not a Hub id (owner/name)"
         )
-    from finetune.models import deepseek_ocr2
-
-    repo_id = deepseek_ocr2.HUB_ALIASES.get(name, name)
+    repo_id = hub_alias(name)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -175,7 +175,7 @@ V1_TINY_MODES = {"tiny": (32, 32, True, False), "small": (40, 40, True, False), 
 
 
 def v1_tiny_config(vocab_size: int, image_token_id: int):
-    from finetune.models.deepseek_ocr_modeling import DeepseekOcrConfig
+    from finetune.models.deepseek_ocr.configuration import DeepseekOcrConfig
 
     return DeepseekOcrConfig(
         text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
@@ -203,7 +203,7 @@ def v1_ocr_config(vocab_size: int, image_token_id: int):
     """Init of builtin:tiny-deepseek-ocr (~1M parameters). Unlike OCR-2's learned queries,
     v1's vision tokens sit on a fixed grid over the image, which a from-scratch run can use
     from the first step."""
-    from finetune.models.deepseek_ocr_modeling import DeepseekOcrConfig
+    from finetune.models.deepseek_ocr.configuration import DeepseekOcrConfig
 
     return DeepseekOcrConfig(
         text_config={"vocab_size": vocab_size, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
@@ -224,9 +224,9 @@ def v1_ocr_config(vocab_size: int, image_token_id: int):
 def build_tiny_v1(output: Path, seed: int = 0, size: str = "random") -> None:
     """builtin:tiny-random-deepseek-ocr (size random), or the init of the printed-text base
     (size ocr), written in the official DeepSeek-OCR layout."""
-    from finetune.models.deepseek_ocr import DeepseekOcrProcessor
-    from finetune.models.deepseek_ocr_checkpoint import save_official
-    from finetune.models.deepseek_ocr_modeling import DeepseekOcrForConditionalGeneration
+    from finetune.models.deepseek_ocr.processor import DeepseekOcrProcessor
+    from finetune.models.deepseek_ocr.checkpoint import save_official
+    from finetune.models.deepseek_ocr.modeling import DeepseekOcrForConditionalGeneration
 
     tokenizer = build_tokenizer()
     make = v1_tiny_config if size == "random" else v1_ocr_config

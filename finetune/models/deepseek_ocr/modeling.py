@@ -21,17 +21,15 @@ view as g rows of g tokens + a newline, then the separator.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import CLIPVisionConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import (
-    DeepseekOcr2SamVisionConfig,
-    DeepseekOcr2TextConfig,
-)
+from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2TextConfig
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2SamVisionAttention,
     DeepseekOcr2SamVisionEncoder,
@@ -41,27 +39,8 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2TextTopkRouter,
 )
 
-
-class DeepseekOcrConfig(PreTrainedConfig):
-    """In-memory config. On disk ocrtune writes (and reads) the official config.json
-    layout instead; see deepseek_ocr_checkpoint.py."""
-
-    model_type = "ocrtune_deepseek_ocr"  # never written to disk; keeps transformers' rename tables away
-    sub_configs = {"text_config": DeepseekOcr2TextConfig, "sam_config": DeepseekOcr2SamVisionConfig,
-                   "clip_config": CLIPVisionConfig}
-
-    def __init__(self, text_config=None, sam_config=None, clip_config=None, projector_input: int = 2048,
-                 image_token_id: int = 128815, **kwargs):
-        def build(cls, value):
-            return value if isinstance(value, PreTrainedConfig) else cls(**(value or {}))
-
-        self.text_config = build(DeepseekOcr2TextConfig, text_config)
-        self.sam_config = build(DeepseekOcr2SamVisionConfig, sam_config)
-        self.clip_config = build(CLIPVisionConfig, clip_config)
-        self.projector_input = projector_input
-        self.image_token_id = image_token_id
-        kwargs.setdefault("tie_word_embeddings", False)  # DeepSeek-OCR has its own lm_head
-        super().__init__(**kwargs)
+from finetune.models.deepseek_ocr.checkpoint import save_official
+from finetune.models.deepseek_ocr.configuration import DeepseekOcrConfig
 
 
 class ClipEmbeddings(nn.Module):
@@ -245,10 +224,6 @@ class DeepseekOcrForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, state_dict=None, **kwargs):
         """Written in the official DeepSeek-OCR layout (config.json + safetensors under the
         published names), so the one loader reads ocrtune's checkpoints and DeepSeek's alike."""
-        from pathlib import Path
-
-        from finetune.models.deepseek_ocr_checkpoint import save_official
-
         save_official(self, Path(save_directory), state_dict)
 
     def get_input_embeddings(self):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.models import ModelNameError
+from finetune.models.deepseek_ocr.configuration import DeepseekOcrConfig
+from finetune.models.family import ModelNameError
 
 OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
 CLIP_KEY, SAM_KEY = "clip-l-14-224", "sam_vit_b"
@@ -107,8 +108,6 @@ def is_v1_config(raw: dict) -> bool:
 
 def config_from_official(raw: dict, where: str, image_token_id: int):
     """The official config.json (as a dict) -> DeepseekOcrConfig; refuses variants it can't run."""
-    from finetune.models.deepseek_ocr_modeling import DeepseekOcrConfig
-
     def need(d: dict, key: str, path: str):
         if key not in d:
             raise OfficialLayoutError(f"{where}: {path}{key} is missing")

@@ -1,8 +1,4 @@
-"""DeepSeek-OCR (v1) family: loading the official checkpoint natively, and its processor.
-
-The checkpoint folder is read as published by deepseek-ai/DeepSeek-OCR: config.json
-(model_type deepseek_vl_v2), *.safetensors under the remote-code key names, the
-tokenizer files and processor_config.json. Nothing in it is executed.
+"""DeepSeek-OCR (v1) processor: the tokenizer plus processor_config.json, and pages -> views.
 
 Resolution modes (base view size, tile size, tiling), as in the official inference config:
 
@@ -30,38 +26,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-MODEL_TYPE = "deepseek_ocr"
+from finetune.models.family import ModelNameError
+
 PROCESSOR_FILE = "processor_config.json"
 IMAGE_TOKEN = "<image>"
 
 
-@dataclass(frozen=True)
-class DecoderLayout:
-    """Where things live in the module tree; the LoRA resolver and the ledger read this."""
-
-    decoder_layers: str = "model.language_model.layers"
-    attention: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    dense_mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    shared_experts: tuple[str, ...] = (
-        "mlp.shared_experts.gate_proj",
-        "mlp.shared_experts.up_proj",
-        "mlp.shared_experts.down_proj",
-    )
-    # One Linear triple per routed expert (as published): LoRA reaches them as modules.
-    routed_expert_modules: str = r"mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
-    routed_expert_params: tuple[str, ...] = ()
-    router: str = "mlp.gate"
-    vision: tuple[str, ...] = ("model.sam_model", "model.vision_model")
-    projector: tuple[str, ...] = ("model.projector", "model.image_newline", "model.view_seperator")
-    # Optional trainable extras (lora.train_projector, lora.vision_lora).
-    projector_modules: tuple[str, ...] = ("model.projector",)
-    vision_lora: str = r"model\.vision_model\.transformer\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)"
-
-
-LAYOUT = DecoderLayout()
-ADAPTER_DISK_RENAMES: tuple = ()  # no transformers rename table applies to this family
-
-MODES = ("tiny", "small", "base", "large", "gundam")
 # mode -> (base view size, tile size, squash instead of pad, tiles)
 OFFICIAL_MODES = {
     "tiny": (512, 512, True, False),
@@ -117,7 +87,7 @@ class DeepseekOcrProcessor:
         modes = {k: tuple(v) for k, v in raw.get("modes", OFFICIAL_MODES).items()}
         default = raw.get("default_mode", "gundam")
         if default not in modes:
-            raise ValueError(f"{folder / PROCESSOR_FILE}: default_mode {default!r} is not one of {sorted(modes)}")
+            raise ModelNameError(f"{folder / PROCESSOR_FILE}: default_mode {default!r} is not one of {sorted(modes)}")
         return cls(tokenizer, int(raw.get("patch_size", 16)), int(raw.get("downsample_ratio", 4)),
                    tuple(raw.get("image_mean", (0.5,) * 3)), tuple(raw.get("image_std", (0.5,) * 3)), modes, default,
                    int(raw.get("min_crops", 2)), int(raw.get("max_crops", 6)))
@@ -136,15 +106,9 @@ class DeepseekOcrProcessor:
         return math.ceil(size / self.patch_size / self.downsample_ratio)
 
 
-def mode_vision(processor: DeepseekOcrProcessor, mode: str) -> VisionSettings:
-    if mode not in processor.modes:
-        raise ValueError(f"resolution mode {mode!r}: DeepSeek-OCR has modes {', '.join(processor.modes)}")
+def settings_for_mode(processor: DeepseekOcrProcessor, mode: str) -> VisionSettings:
     base, tile, squash, tiles = processor.modes[mode]
     return VisionSettings(mode, int(base), int(tile), bool(squash), bool(tiles), processor.min_crops, processor.max_crops)
-
-
-def default_vision(processor: DeepseekOcrProcessor) -> VisionSettings:
-    return mode_vision(processor, processor.default_mode)
 
 
 def tile_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
@@ -214,43 +178,3 @@ def collate_pixels(items: list[dict]) -> dict:
     if local:
         batch["pixel_values_local"] = torch.cat(local)
     return batch
-
-
-def image_token_id(model_config) -> int:
-    return int(model_config.image_token_id)
-
-
-def load(path: str | Path, dtype=None, device=None):
-    """The official layout -> (DeepseekOcrForConditionalGeneration, DeepseekOcrProcessor).
-    Built on the meta device (no memory for random weights that are overwritten anyway),
-    then every tensor is assigned from the checkpoint; a missing or unexpected key is an error."""
-    from finetune.models.deepseek_ocr_checkpoint import check_keys, config_from_official, from_official, read_official
-    from finetune.models.deepseek_ocr_modeling import DeepseekOcrForConditionalGeneration
-
-    path = Path(path)
-    processor = DeepseekOcrProcessor.from_pretrained(path)
-    tok_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if tok_id is None or tok_id == processor.tokenizer.unk_token_id:
-        raise ValueError(f"{path}: the tokenizer has no {IMAGE_TOKEN} token")
-    raw = json.loads((path / "config.json").read_text())
-    config = config_from_official(raw, str(path / "config.json"), tok_id)
-    dtype = dtype or torch.float32
-    with torch.device("meta"):
-        model = DeepseekOcrForConditionalGeneration(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tensors = from_official(read_official(path, dtype))
-    check_keys(expected, tensors, str(path))
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.reset_rotary()
-    model.to(dtype)
-    model.config.dtype = dtype
-    if device is not None:
-        model.to(device)
-    model.eval()
-    from transformers import GenerationConfig
-
-    tok = processor.tokenizer
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
-    return model, processor
-

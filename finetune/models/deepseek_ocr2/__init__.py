@@ -1,0 +1,87 @@
+"""DeepSeek-OCR-2 through transformers' native classes (no remote code).
+
+    processor.py   pages -> views through transformers' image processor; placeholder counts
+
+SAM ViT-B -> Qwen2-style encoder with learned queries -> linear projector -> the DeepSeek
+MoE decoder: transformers' DeepseekOcr2ForConditionalGeneration is the modeling code, and
+its checkpoint layout (deepseek-community/DeepSeek-OCR-2) is the one read here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune.models.deepseek_ocr2 import processor as _proc
+from finetune.models.deepseek_ocr2.processor import VisionSettings
+from finetune.models.family import DecoderLayout, ModelFamily, ModelNameError, VisionModeError
+
+__all__ = ["DeepseekOcr2", "VisionSettings"]
+
+
+class DeepseekOcr2(ModelFamily):
+    MODEL_TYPE = "deepseek_ocr2"
+    CONFIG_MODEL_TYPES = ("deepseek_ocr2",)
+    # OCR-2's encoder carries query tables for a 1024 global view and 768 tiles only, so of
+    # DeepSeek-OCR's five modes two exist here: "base" (the global view alone: 256 image
+    # tokens on the real model) and "gundam" (global view + tiles by aspect ratio, 144 tokens
+    # per tile; the checkpoint's default). tiny/small/large are DeepSeek-OCR (v1) modes.
+    MODES = ("base", "gundam")
+    LAYOUT = DecoderLayout(
+        decoder_layers="model.language_model.layers",
+        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        shared_experts=("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"),
+        routed_expert_modules="",  # experts are fused 3-D parameters here, reached as parameters
+        routed_expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        router="mlp.gate",
+        vision=("model.vision_tower",),
+        projector=("model.multi_modal_projector", "model.view_separator"),
+        projector_modules=("model.multi_modal_projector",),
+        vision_lora=(r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+                     r"|mlp\.(gate_proj|up_proj|down_proj))"),
+    )
+    # Adapter keys on disk use the original checkpoint naming (model.layers.N...), not the
+    # native one (model.language_model.layers.N...). PEFT on transformers v5 runs the
+    # checkpoint conversion renames over adapter keys when loading, and the rule
+    # `(^|model\.)layers\.` -> `language_model.layers.` also matches inside an already
+    # native `language_model.layers.`, mangling every key. Keys in the original naming come
+    # out of that conversion exactly right, so plain `PeftModel.from_pretrained` works.
+    ADAPTER_DISK_RENAMES = (("base_model.model.model.language_model.", "base_model.model.model."),)
+    # deepseek-ai/DeepSeek-OCR-2 is published in the remote-code layout (model_type
+    # deepseek_vl_v2); the same weights in transformers' layout live at this id.
+    HUB_ALIASES = {"deepseek-ai/DeepSeek-OCR-2": "deepseek-community/DeepSeek-OCR-2"}
+
+    def load(self, path, dtype=None, device=None):
+        from transformers import AutoProcessor, DeepseekOcr2ForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(str(path))
+        model = DeepseekOcr2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype or torch.float32)
+        if device is not None:
+            model.to(device)
+        tok_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        if tok_id != model.config.image_token_id:
+            raise ModelNameError(
+                f"{Path(path)}: tokenizer maps {processor.image_token!r} to {tok_id} but config.image_token_id is "
+                f"{model.config.image_token_id}"
+            )
+        return model, processor
+
+    def vision_settings(self, processor, mode=None, crop_to_patches=None, min_tiles=None,
+                        max_tiles=None) -> VisionSettings:
+        if mode is not None and mode not in self.MODES:
+            raise VisionModeError(f"resolution mode {mode!r}: DeepSeek-OCR-2 has modes {', '.join(self.MODES)} "
+                                  "(tiny, small and large are DeepSeek-OCR v1 modes)")
+        ip = processor.image_processor  # the checkpoint's own settings, from processor_config.json
+        tiles = bool(ip.crop_to_patches) if mode is None else mode == "gundam"
+        if crop_to_patches is not None:
+            tiles = crop_to_patches
+        return VisionSettings(tiles, int(ip.min_patches if min_tiles is None else min_tiles),
+                              int(ip.max_patches if max_tiles is None else max_tiles))
+
+    def encode_image(self, processor, image, vision):
+        return _proc.encode_image(processor, image, vision)
+
+    def collate_pixels(self, items):
+        return _proc.collate_pixels(items)
