@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from data_prep import DEFAULT_PROMPT
 from data_prep.atomic import replace_dir
-from data_prep.errors import OcrtuneError
+from data_prep.errors import InputError, OcrtuneError
 from data_prep.images import DEFAULT_MAX_PIXELS, NEAR_HASH_BITS, ImageError, encode_png, near_hash, open_image, pixel_hash
 from data_prep.preprocess import Preprocess
 from data_prep.schema import FEATURES, Reject, meta_json
@@ -174,7 +174,7 @@ def build_dataset(
     try:
         check_fractions(val_fraction, test_fraction)  # before any image is decoded
         if not 0 <= near_duplicate_threshold < 1:
-            raise ValueError(f"--near-duplicate-threshold {near_duplicate_threshold}: choose a share in [0, 1)")
+            raise InputError(f"--near-duplicate-threshold {near_duplicate_threshold}: choose a share in [0, 1)")
         options = dict(source_options or {})
         if source == "pdf":
             options.setdefault("max_pixels", max_pixels)  # refuse huge pages before rendering them

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from data_prep.errors import InputError
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -25,9 +27,9 @@ class Preprocess:
     def __post_init__(self):
         for name in ("upscale_min_side", "downscale_max_side"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 (off) or positive")
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 (off) or positive")
         if self.upscale_min_side and self.downscale_max_side and self.upscale_min_side > self.downscale_max_side:
-            raise ValueError("--upscale-min-side is larger than --downscale-max-side: no size satisfies both")
+            raise InputError("--upscale-min-side is larger than --downscale-max-side: no size satisfies both")
 
     @property
     def active(self) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 
+from data_prep.errors import InputError
+
 
 class _UnionFind:
     def __init__(self):
@@ -69,7 +71,7 @@ def merge_groups(groups: list[str], image_hashes: list[str], near: list[tuple[in
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
+        raise InputError(
             f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
             "and sum to less than 1"
         )

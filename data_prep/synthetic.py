@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.atomic import replace_dir
+from data_prep.errors import ExistingPathError, InputError
 from data_prep.images import encode_png
 from data_prep.render import (
     AUGMENTS,
@@ -291,18 +292,18 @@ def generate(domain_name: str, n: int, seed: int, output: str | Path, progress: 
     `shards=1` is one RNG seeded by `seed`, as before shards existed.
     """
     if domain_name not in DOMAINS:
-        raise ValueError(f"--domain {domain_name!r}: choose one of {', '.join(DOMAINS)}")
+        raise InputError(f"--domain {domain_name!r}: choose one of {', '.join(DOMAINS)}")
     if n < 1:
-        raise ValueError(f"--n {n}: must be at least 1")
+        raise InputError(f"--n {n}: must be at least 1")
     if max_chars is not None and max_chars < 1:
-        raise ValueError(f"--max-chars {max_chars}: must be at least 1")
+        raise InputError(f"--max-chars {max_chars}: must be at least 1")
     if not 1 <= shards <= n:
-        raise ValueError(f"--shards {shards}: choose 1 to --n ({n})")
+        raise InputError(f"--shards {shards}: choose 1 to --n ({n})")
     if workers is not None and workers < 1:
-        raise ValueError(f"--workers {workers}: must be at least 1")
+        raise InputError(f"--workers {workers}: must be at least 1")
     output = Path(output)
     if output.exists():
-        raise FileExistsError(f"--output {output} already exists")
+        raise ExistingPathError(f"--output {output} already exists")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:  # a failed or interrupted render leaves nothing behind

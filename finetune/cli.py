@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
+from finetune.errors import InputError
 
 
 # Which `data build` flags belong to which source (passed to that adapter as keyword arguments).
@@ -38,7 +39,7 @@ def _source_options(args) -> dict:
     given = {k for group in SOURCE_FLAGS.values() for k in group if getattr(args, k) is not None}
     stray = sorted(given - set(flags))
     if stray:
-        raise ValueError(f"--source {args.source} does not use {', '.join('--' + k.replace('_', '-') for k in stray)}")
+        raise InputError(f"--source {args.source} does not use {', '.join('--' + k.replace('_', '-') for k in stray)}")
     options = {name: getattr(args, flag) for flag, name in flags.items() if getattr(args, flag) is not None}
     if "fonts" in options:
         options["fonts"] = tuple(f.strip() for f in options["fonts"].split(",") if f.strip())
@@ -77,7 +78,7 @@ def _data_build(args) -> int:
 def _endpoints(args) -> list[tuple[str, str]]:
     urls, names = args.endpoint or [], args.endpoint_model or []
     if len(urls) != len(names):
-        raise ValueError(f"give one --endpoint-model per --endpoint ({len(urls)} endpoints, {len(names)} models)")
+        raise InputError(f"give one --endpoint-model per --endpoint ({len(urls)} endpoints, {len(names)} models)")
     return list(zip(urls, names))
 
 
@@ -91,7 +92,7 @@ def _eval(args) -> int:
                   no_repeat_window=args.no_repeat_window, restart=args.restart)
     if args.modes:
         if args.endpoint:  # an endpoint's resolution is its server's, not a mode we can set
-            raise ValueError("--modes sweeps the local model's resolution; evaluate --endpoint without --modes")
+            raise InputError("--modes sweeps the local model's resolution; evaluate --endpoint without --modes")
         rows = sweep_modes([m.strip() for m in args.modes.split(",") if m.strip()], args.output, **common)
         if rows:
             print((Path(args.output) / "modes.md").read_text())

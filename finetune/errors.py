@@ -15,17 +15,22 @@ from pathlib import Path
 from typing import Callable
 
 from data_prep.errors import OcrtuneError  # the base of every user error; re-exported
+from data_prep.errors import ExistingPathError, InputError, MissingPathError  # re-exported
 
 ERROR_LOG = "ocrtune-error.log"
 INTERNAL_EXIT = 1
 USER_EXIT = 2
 
 
-# What the CLI reports as "your input is wrong", caught by base class, so an error class defined
-# in a module that runs as __main__ (`python -m finetune.train`) is still caught. ValueError and
-# the two file errors stay for messages that library code and a few argument checks of ours
-# still raise as plain ValueError.
-USER_ERRORS = (OcrtuneError, ValueError, FileNotFoundError, FileExistsError)
+# What the CLI reports as "your input is wrong": OcrtuneError and its subclasses only, caught by
+# base class, so an error class defined in a module that runs as __main__ (`python -m
+# finetune.train`) is still caught. A plain ValueError or OSError from anywhere is not an input
+# check of ours: it is reported as an internal error, with its traceback logged.
+USER_ERRORS = (OcrtuneError,)
+
+__all__ = ["ERROR_LOG", "INTERNAL_EXIT", "USER_ERRORS", "USER_EXIT", "ExistingPathError", "InputError",
+           "MissingPathError", "OcrtuneError", "internal_error_line", "library_versions", "run_command",
+           "write_error_log"]
 
 
 def library_versions() -> dict[str, str]:

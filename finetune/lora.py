@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from finetune.errors import InputError
+
 PRESETS = ("attention", "attention+mlp", "all")
 FULL = "full"  # no LoRA: train.py trains every weight and saves a whole checkpoint
 PRESET_CHOICES = PRESETS + (FULL,)  # what lora.preset accepts
@@ -30,7 +32,7 @@ def resolve_targets(model: nn.Module, preset: str, layout, vision_lora: bool = F
     """`vision_lora`: also adapt the vision encoder's attention and MLP (the family's
     `layout.vision_lora` paths); off by default, as in every public recipe."""
     if preset not in PRESETS:
-        raise ValueError(f"lora.preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise InputError(f"lora.preset {preset!r}: choose one of {', '.join(PRESETS)}")
     leaves = [re.escape(leaf) for leaf in layout.attention]
     if preset in ("attention+mlp", "all"):
         leaves += [re.escape(leaf) for leaf in layout.dense_mlp + layout.shared_experts]
@@ -39,10 +41,10 @@ def resolve_targets(model: nn.Module, preset: str, layout, vision_lora: bool = F
     pattern = re.escape(layout.decoder_layers) + r"\.\d+\.(" + "|".join(leaves) + ")"
     matched = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
     if not matched:
-        raise ValueError(f"LoRA preset {preset!r} matched no decoder module (pattern {pattern})")
+        raise InputError(f"LoRA preset {preset!r} matched no decoder module (pattern {pattern})")
     if vision_lora:
         if not layout.vision_lora:
-            raise ValueError("lora.vision_lora: this model family has no vision LoRA targets")
+            raise InputError("lora.vision_lora: this model family has no vision LoRA targets")
         pattern = f"({pattern})|({layout.vision_lora})"
         matched = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
     params: list[str] = []
@@ -50,7 +52,7 @@ def resolve_targets(model: nn.Module, preset: str, layout, vision_lora: bool = F
         suffixes = tuple("." + p for p in layout.routed_expert_params)
         params = [n for n, _ in model.named_parameters() if n.startswith(layout.decoder_layers + ".") and n.endswith(suffixes)]
         if not params:
-            raise ValueError("LoRA preset 'all' found no routed-expert parameters in the decoder")
+            raise InputError("LoRA preset 'all' found no routed-expert parameters in the decoder")
     return LoraTargets(target_modules=pattern, target_parameters=params, n_modules=len(matched))
 
 
@@ -160,5 +162,5 @@ def load_adapter(model, adapter_dir, adapter_name: str, renames):
         if loaded is None or loaded.shape != tensor.shape or not torch.equal(loaded.detach().cpu().to(tensor.dtype), tensor):
             bad.append(key)
     if bad:
-        raise ValueError(f"{adapter_dir}: {len(bad)} of {len(on_disk)} adapter tensors did not load, e.g. {bad[:3]}")
+        raise InputError(f"{adapter_dir}: {len(bad)} of {len(on_disk)} adapter tensors did not load, e.g. {bad[:3]}")
     return peft_model

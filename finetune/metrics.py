@@ -25,6 +25,8 @@ from collections import Counter
 
 from rapidfuzz.distance import Levenshtein
 
+from data_prep.errors import InputError
+
 LEVELS = ("L0", "L1", "L2", "L3")
 HEADLINE = "L1"
 LEVEL_NAMES = {"L0": "raw", "L1": "text", "L2": "content", "L3": "lenient"}
@@ -53,7 +55,7 @@ _MD_RULES = [
 
 def normalize(text: str, level: str = HEADLINE) -> str:
     if level not in LEVELS:
-        raise ValueError(f"unknown normalisation level {level!r}; choose one of {', '.join(LEVELS)}")
+        raise InputError(f"unknown normalisation level {level!r}; choose one of {', '.join(LEVELS)}")
     text = text.strip()
     if level == "L0":
         return text

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import InputError
+
 from finetune.metrics import HEADLINE, LEVEL_NAMES, edit_counts
 
 
@@ -67,7 +69,7 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     plt = _pyplot()
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text(encoding="utf-8").splitlines() if line]
     if not rows:
-        raise ValueError(f"{metrics_jsonl}: no logged steps")
+        raise InputError(f"{metrics_jsonl}: no logged steps")
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))

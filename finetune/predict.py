@@ -20,6 +20,7 @@ from pathlib import Path
 
 from data_prep.images import IMAGE_EXTENSIONS, DEFAULT_MAX_PIXELS, ImageError, open_image
 from finetune.decoding import NO_REPEAT_NGRAM, NO_REPEAT_WINDOW
+from finetune.errors import InputError, MissingPathError
 
 _DET = re.compile(r"<\|det\|>.*?<\|/det\|>", re.S)
 _REF = re.compile(r"<\|/?ref\|>")
@@ -42,7 +43,7 @@ def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
         elif p.is_file():
             found.append((p, Path(p.name)))
         else:
-            raise FileNotFoundError(f"--input {p}: no such file or folder")
+            raise MissingPathError(f"--input {p}: no such file or folder")
     return found
 
 
@@ -57,13 +58,13 @@ def _pages(file: Path, dpi: int, max_pixels: int):
     try:
         doc = pdfium.PdfDocument(str(file))
     except pdfium.PdfiumError as exc:
-        raise ValueError(f"cannot open PDF ({exc})") from None
+        raise InputError(f"cannot open PDF ({exc})") from None
     try:
         pages = []
         for k in range(len(doc)):
             page = doc[k]
             if page_pixels(page, dpi) > max_pixels:
-                raise ValueError(f"page {k + 1} at {dpi} dpi exceeds the pixel cap of {max_pixels}")
+                raise InputError(f"page {k + 1} at {dpi} dpi exceeds the pixel cap of {max_pixels}")
             pages.append((f"{file}#page={k + 1}", render_page(page, dpi)))
             page.close()
         return pages
@@ -84,7 +85,7 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
     output = Path(output)
     files = find_inputs([Path(p) for p in inputs])
     if not files:
-        raise FileNotFoundError(f"--input {' '.join(map(str, inputs))}: no images or PDFs found")
+        raise MissingPathError(f"--input {' '.join(map(str, inputs))}: no images or PDFs found")
     from finetune.sequence import builder_for
 
     inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window)

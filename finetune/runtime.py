@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from data_prep import DEFAULT_PROMPT
+from finetune.errors import InputError
 
 ADAPTER_META = "ocrtune_adapter.json"
 
@@ -18,7 +19,7 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
         return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
-        raise ValueError(f"model.dtype {name!r}: choose auto, float32, bfloat16 or float16")
+        raise InputError(f"model.dtype {name!r}: choose auto, float32, bfloat16 or float16")
     return table[name]
 
 
@@ -63,7 +64,7 @@ def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str 
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
-            raise ValueError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
+            raise InputError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
         meta = read_adapter_meta(adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from finetune.errors import InputError
+
 IGNORE_INDEX = -100
 
 
@@ -38,7 +40,7 @@ class SequenceBuilder:
         collate_pixels: Callable,  # list of pixels dicts -> batch dict
     ):
         if prompt.count("<image>") != 1:
-            raise ValueError(f"prompt {prompt!r} must contain exactly one <image> placeholder")
+            raise InputError(f"prompt {prompt!r} must contain exactly one <image> placeholder")
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.prompt = prompt

@@ -90,5 +90,9 @@ def resolve_model(name: str) -> ResolvedModel:
 def load_model(name: str, dtype=None, device=None):
     """(ResolvedModel, model, processor) for any accepted model name."""
     resolved = resolve_model(name)
-    model, processor = resolved.family.load(resolved.path, dtype=dtype, device=device)
+    try:
+        model, processor = resolved.family.load(resolved.path, dtype=dtype, device=device)
+    except OSError as exc:  # transformers' word for a tokenizer, processor or weight file it cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNameError(f"model {name!r}: cannot read the checkpoint in {resolved.path} ({first})") from exc
     return resolved, model, processor
