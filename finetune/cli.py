@@ -161,6 +161,65 @@ def _push(args) -> int:
     return 0
 
 
+BUILD_HELP = """\
+Build a dataset from scans and their transcripts (KIND: folder, manifest, hf, pdf, iam, funsd,
+synthetic; README "Input formats").
+
+Every pair is validated: bad items are rejected with a reason (never silently) and every repair
+is listed (EXIF rotation, alpha on white, 16-bit, CMYK, palette, misnamed file). Targets over
+--max-target-tokens are rejected, never truncated. Identical and near-duplicate images are
+grouped with the declared groups so nothing leaks between splits. Writes a datasets.DatasetDict
+(datasets.load_from_disk(DIR)), build_report.json and a dataset card, atomically; writes nothing
+when more than --max-rejected is rejected. A split with a fraction > 0 that comes out empty is a
+warning here and in build_report.json."""
+
+
+EVAL_HELP = """\
+Base and base + adapter on the same pages, same prompt, same greedy decoding, batched. Writes
+report.json, report.md, report.html (pages with character differences marked, regressions and
+gains first), predictions.jsonl, cer_histogram.png and, with an adapter, cer_per_sample.png.
+
+The official repetition guard (no 30-gram repeated within 90 generated tokens, <td>/</td>
+exempt) is on by default and recorded in the report; --no-repeat-ngram 0 turns it off.
+Resumable: finished batches go to OUTPUT/eval_progress.jsonl and the same command continues
+after a crash or kill (--restart discards them). Sharded under `accelerate launch
+--num_processes N -m finetune.cli eval ...` or `torchrun --nproc_per_node N -m finetune.cli eval
+...`: each process takes a share of the pages; predictions equal a one-process run.
+--modes a,b: one eval per resolution mode in OUTPUT/mode-NAME/, image placeholder ids per page
+against CER in OUTPUT/modes.md (v1: tiny, small, base, large, gundam; OCR-2: base, gundam).
+--endpoint URL --endpoint-model NAME: an OpenAI-compatible server (a hosted DeepSeek-OCR, or
+ocrtune serve) as system endpoint:NAME on the same pages; the key comes from $OPENAI_API_KEY
+(--endpoint-key-env), never the command line."""
+
+
+SCORE_HELP = """\
+Score predictions from any system into eval's report.json / report.md; no model needed. Input:
+the predictions.jsonl eval writes, one {"id", "reference", "predictions": {SYSTEM: text},
+"group"?} per line."""
+
+
+PREDICT_HELP = """\
+Images and PDFs (every page) to Markdown: OUTPUT/<relative path>.md; a PDF's pages are joined by
+a `<!-- pagebreak -->` line (what `data build --source pdf` reads back). Grounding boxes are kept
+unless --strip-grounding. predict_summary.json lists pages that hit the token cap and inputs
+that failed (exit 1 when any did; the rest are still written)."""
+
+
+SERVE_HELP = """\
+OpenAI-compatible server on this machine's torch: POST /v1/chat/completions (one user message:
+a text part with the instruction, an image_url part with a base64 data URL or a path inside
+--image-root), plain and SSE streaming (`data: [DONE]` last), usage token counts, GET
+/v1/models. Same decoding as eval (greedy, repetition guard); requests arriving together are
+batched; malformed requests get a 4xx JSON error. Binds loopback by default: there is no
+authentication."""
+
+
+PUSH_HELP = """\
+Publish an adapter and its model card (with the eval report's CER before/after) in one commit
+through huggingface_hub, retrying 429/5xx. --dry-run DIR writes exactly the files that would be
+uploaded. The token comes from HF_TOKEN or `hf auth login`, never the command line."""
+
+
 def _add_guard_flags(parser) -> None:
     """The repetition guard's flags, the same for eval, predict and serve."""
     parser.add_argument("--no-repeat-ngram", type=int, default=NO_REPEAT_NGRAM,
@@ -180,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    b = data.add_parser("build", help="build a dataset from scans + transcripts")
+    b = data.add_parser("build", help="build a dataset from scans + transcripts", description=BUILD_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--source", required=True, choices=SOURCES)
     b.add_argument("--input", required=True, help="folder, manifest (.jsonl/.csv), PDF, corpus file, dataset path or Hub id")
     b.add_argument("--output", required=True, type=Path)
@@ -221,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=None)
 
-    e = sub.add_parser("eval", help="CER of the base model and base + adapter")
+    e = sub.add_parser("eval", help="CER of the base model and base + adapter", description=EVAL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
     e.add_argument("--adapter", type=Path)
     e.add_argument("--data", required=True, type=Path)
@@ -245,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 
-    sc = sub.add_parser("score", help="score a predictions.jsonl from any system (same report files as eval)")
+    sc = sub.add_parser("score", help="score a predictions.jsonl from any system (same report files as eval)",
+                        description=SCORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sc.add_argument("predictions", type=Path)
     sc.add_argument("--output", required=True, type=Path)
     sc.add_argument("--base", help="system to compare against (default: 'base', else the first)")
@@ -253,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--bootstrap-resamples", type=int, default=10_000)
     sc.set_defaults(func=_score)
 
-    pr = sub.add_parser("predict", help="images and PDFs (every page) to Markdown files")
+    pr = sub.add_parser("predict", help="images and PDFs (every page) to Markdown files", description=PREDICT_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
     pr.add_argument("--adapter", type=Path)
     pr.add_argument("--input", required=True, nargs="+", type=Path, help="image files, PDFs and folders of them")
@@ -271,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("validate", help="check run configs and accelerate topologies without weights or data",
                    add_help=False)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions for the base model or base + adapter")
+    sv = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions for the base model or base + adapter",
+                        description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sv.add_argument("--model", required=True, help="builtin:NAME, a local directory, or a Hub id")
     sv.add_argument("--adapter", type=Path)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default: no auth is done)")
@@ -285,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guard_flags(sv)
     sv.set_defaults(func=_serve)
 
-    p = sub.add_parser("push", help="publish an adapter and its model card to the Hugging Face Hub")
+    p = sub.add_parser("push", help="publish an adapter and its model card to the Hugging Face Hub",
+                       description=PUSH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter_dir")
     p.add_argument("--repo-id", required=True)
     p.add_argument("--private", action="store_true", help="create the repository as private")

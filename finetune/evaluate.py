@@ -153,17 +153,11 @@ def evaluate(
     # and writes. Alone, this is one process on cuda:0 or the CPU.
     dist = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes form a gloo group
     progress = progress and dist.is_main_process
-    try:
-        inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window,
-                                 device=dist.device, dataset_info=read_dataset_info(data))
-    except ValueError as exc:
-        raise EvalError(str(exc)) from None
+    inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window,
+                             device=dist.device, dataset_info=read_dataset_info(data))
     model, prompt, vision, guard = inf.model, inf.prompt, inf.vision, inf.guard
     if mode is not None:  # a resolution mode overrides the adapter's vision settings
-        try:
-            vision = inf.family.vision_settings(inf.processor, mode)
-        except ValueError as exc:
-            raise EvalError(str(exc)) from None
+        vision = inf.family.vision_settings(inf.processor, mode)  # VisionModeError names the modes
     builder = builder_for(inf.family, inf.processor, model.config, prompt, vision)
     systems = ["base"] + (["adapted"] if adapter is not None else [])
     endpoint_of = {f"endpoint:{name}": (url, name) for url, name in endpoints}

@@ -6,8 +6,8 @@
 # Hardware:  written for one GPU with >= 24 GB (bf16, gradient checkpointing on by default for
 #            the real model); not yet run on real weights by the project (no GPU or weights in
 #            our CI), so no time or metric is claimed here yet.
-# Wall time: not measured yet.
-# Metric:    not measured yet; `ocrtune eval` prints CER and form-field F1 before/after with 95% CIs.
+# Wall time: not measured yet; BENCHMARKS.md, "Recipes", ocr2_forms.sh gets the figures.
+# Metric:    not measured yet (the same row); `ocrtune eval` prints CER and form-field F1 before/after with 95% CIs.
 set -euo pipefail
 FORMS=${1:?usage: recipes/ocr2_forms.sh FUNSD_DIR [OUT_DIR]}
 OUT=${2:-runs/ocr2-forms}

@@ -4,8 +4,8 @@
 # Hardware:  written for one GPU with >= 24 GB (bf16, gradient checkpointing); not yet run on
 #            real weights by the project (no GPU or weights in our CI), so no time or metric is
 #            claimed here yet.
-# Wall time: not measured yet.
-# Metric:    not measured yet; `ocrtune eval` prints CER before/after with a 95% CI.
+# Wall time: not measured yet; BENCHMARKS.md, "Recipes", ocr2_handwriting.sh gets the figures.
+# Metric:    not measured yet (the same row); `ocrtune eval` prints CER before/after with a 95% CI.
 set -euo pipefail
 SCANS=${1:?usage: recipes/ocr2_handwriting.sh SCANS_DIR [OUT_DIR]}
 OUT=${2:-runs/ocr2-handwriting}

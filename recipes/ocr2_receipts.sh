@@ -5,8 +5,8 @@
 # Hardware:  written for one GPU with >= 24 GB; for 8 GPUs use configs/accelerate/multi_gpu.yaml
 #            (effective batch x8: lower train.max_steps accordingly). Not yet run on real weights
 #            by the project (no GPU or weights in our CI), so no time or metric is claimed here yet.
-# Wall time: not measured yet.
-# Metric:    not measured yet; `ocrtune eval` prints CER before/after with a 95% CI.
+# Wall time: not measured yet; BENCHMARKS.md, "Recipes", ocr2_receipts.sh gets the figures.
+# Metric:    not measured yet (the same row); `ocrtune eval` prints CER before/after with a 95% CI.
 set -euo pipefail
 MANIFEST=${1:?usage: recipes/ocr2_receipts.sh MANIFEST.jsonl [OUT_DIR]}
 OUT=${2:-runs/ocr2-receipts}

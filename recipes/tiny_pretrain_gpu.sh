@@ -11,23 +11,17 @@
 # Hardware:  one GPU and ~16 CPU cores (DataLoader workers prepare pixels; the tiny models are launch-bound).
 # Steps:     STEPS_OCR2 / STEPS_V1; "auto" sizes each run to TRAIN_S seconds from a 60-step probe.
 #            V1_FROM continues the v1 run from a model instead of the seeded init (LR_V1, WARMUP_V1).
-# Wall time: one H100 80GB, 2026-11-22, batch 128, float32 (the shipped bases):
-#   builtin:tiny-deepseek-ocr-2  FAMILIES="ocr2 v1" TRAIN_S=300 (N_PRINTED=64000): the probe gave 2,100 steps
-#            (exactly: STEPS_OCR2=2100); 324 s of training at 0.154 s/step beside the v1 run; final loss 0.65.
-#   builtin:tiny-deepseek-ocr    three stages. (1) FAMILIES=v1 STEPS_V1=1500 N_PRINTED=24000, OUT_DIR runs/pt1: 230 s
-#            of training, loss 0.23 (14.95% CER on 120 held-out printed lines, but 55.5% on printed-scan
-#            lines). (2) FAMILIES=v1 DOMAIN=printed-scan N_PRINTED=40000 STEPS_V1=2000
-#            V1_FROM=runs/pt1/v1/model LR_V1=1e-3 WARMUP_V1=100, OUT_DIR runs/pt2: 420 s of training beside a
-#            from-scratch twin (0.21 s/step), final loss 0.12. The same 2,000 steps from the seeded init ended
-#            at loss 0.54 and read worse everywhere (28.5% printed, 64.7% handwriting): stage 1 is worth
-#            keeping. (3) as (2) on fresh lines, SEED=3 STEPS_V1=1800 V1_FROM=runs/pt2/v1/model: 386 s of
-#            training alone (0.21 s/step), final loss 0.072. Rendering and building took ~60 s before
-#            stage 1 and ~145 s before stages 2 and 3.
-# Metric:    corpus CER, OCR-2: 33.13% on 320 held-out printed lines, 71.09% on the demo's handwriting
-#            (154 lines). v1 (198-199 fresh lines each, seed 777, benchmarks/base_domains.sh): after stage 3
-#            (shipped) printed 5.20%, printed-scan 6.33%, the demo's handwriting 54.88%; after stage 2
-#            9.13 / 11.37 / 57.59%; after stage 1 13.16 / 55.49 / ~80%. Each stage also made the demo's
-#            adapter go further: adapted / base CER 0.72 -> 0.56 -> 0.46 (BENCHMARKS.md).
+# Shipped:   the settings that made the shipped bases (OUT_DIR per run):
+#   builtin:tiny-deepseek-ocr-2  FAMILIES="ocr2 v1" TRAIN_S=300 N_PRINTED=64000 (the probe's step count is
+#            STEPS_OCR2=2100, to repeat it exactly)
+#   builtin:tiny-deepseek-ocr    three stages, each continuing the last:
+#            (1) FAMILIES=v1 STEPS_V1=1500 N_PRINTED=24000, OUT_DIR runs/pt1
+#            (2) FAMILIES=v1 DOMAIN=printed-scan N_PRINTED=40000 STEPS_V1=2000 V1_FROM=runs/pt1/v1/model LR_V1=1e-3
+#                WARMUP_V1=100, OUT_DIR runs/pt2
+#            (3) as (2) on fresh lines: SEED=3 STEPS_V1=1800 V1_FROM=runs/pt2/v1/model
+# Wall time: minutes per stage on one H100; measured per stage: BENCHMARKS.md, "Recipes", tiny_pretrain_gpu.sh.
+# Metric:    corpus CER on held-out printed (and printed-scan) lines and on the demo's handwriting domain;
+#            reached, per stage, and what each stage bought the demo: the same row and the sections it names.
 #            The same recipe on 2 CPU cores: recipes/tiny_pretrain.sh / tiny_pretrain_v1.sh (slower, weaker).
 # Reproduce: bash recipes/tiny_pretrain_gpu.sh [OUT_DIR] with the settings above; copy OUT_DIR/ocr2/model to
 #            finetune/builtin/tiny-deepseek-ocr-2 and OUT_DIR/v1/model to finetune/builtin/tiny-deepseek-ocr.

@@ -2,9 +2,8 @@
 # Purpose:   prove the whole loop on a laptop: build data, eval, train, eval, publish preview.
 # Data:      any folder of images with same-stem .md/.txt transcripts (first argument).
 # Hardware:  2 CPU cores, no GPU, no network.
-# Wall time: 23 s for 60 sample pages (python -m data_prep.sample --n 60), 2-core CPU VM, 2026-11-22.
-# Metric:    on those pages' 6 held-out lines, corpus CER (L1) 1265.91% (random base loops to the
-#            token cap) -> 86.36% adapted, change 95% CI [-1247.62, -1102.22] points.
+# Wall time: seconds on 2 cores for a few dozen pages; measured: BENCHMARKS.md, "Recipes", tiny_smoke.sh.
+# Metric:    corpus CER (L1) before/after with a 95% CI, in OUT/eval-*/report.md; reached: the same row.
 #            The tiny model is random: this shows the mechanics, not OCR quality.
 set -euo pipefail
 SCANS=${1:?usage: recipes/tiny_smoke.sh SCANS_DIR [OUT_DIR]}

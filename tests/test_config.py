@@ -71,6 +71,13 @@ def test_every_recipe_parses_and_names_shipped_configs(path: Path):
     text = path.read_text()
     for header in ("# Purpose:", "# Data:", "# Hardware:", "# Wall time:", "# Metric:"):
         assert header in text, f"{path.name} lacks {header}"
+    # Measured figures live in BENCHMARKS.md: the header names its row there, and the row exists.
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert f'BENCHMARKS.md, "Recipes", {path.name}' in " ".join(header.replace("#", " ").split()), path.name
+    benchmarks = (REPO / "BENCHMARKS.md").read_text()
+    recipes_table = benchmarks[benchmarks.index("## Recipes"):].split("\n## ")[0]
+    assert f"`{path.name}`" in recipes_table, f"BENCHMARKS.md has no Recipes row for {path.name}"
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b|\d+\.\d+ ?s/step|CER \d", header), f"{path.name}: a measured figure or date"
     for ref in re.findall(r"configs/\S+\.yaml", text):
         assert (REPO / ref).is_file(), ref
         if ref.startswith("configs/runs/"):

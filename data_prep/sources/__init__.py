@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_prep.errors import InputError
 from data_prep.schema import Candidate
 
 SOURCES = ("folder", "manifest", "hf", "pdf", "iam", "funsd", "synthetic")
@@ -34,7 +35,7 @@ def _adapter(kind: str):
     elif kind == "synthetic":
         from data_prep.sources.synthetic import iter_synthetic as fn
     else:
-        raise ValueError(f"--source {kind!r}: unknown source; choose one of {', '.join(SOURCES)}")
+        raise InputError(f"--source {kind!r}: unknown source; choose one of {', '.join(SOURCES)}")
     return fn
 
 
@@ -45,12 +46,12 @@ def open_source(kind: str, input_path: str | Path, options: dict | None = None) 
     accepted = set(inspect.signature(fn).parameters) - {next(iter(inspect.signature(fn).parameters))}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"--source {kind}: does not take {', '.join(unknown)} (it takes: {', '.join(sorted(accepted)) or 'nothing'})")
+        raise InputError(f"--source {kind}: does not take {', '.join(unknown)} (it takes: {', '.join(sorted(accepted)) or 'nothing'})")
     path = Path(input_path) if kind != "hf" else str(input_path)
     if kind in ("folder", "iam", "funsd") and not Path(path).is_dir():
-        raise ValueError(f"--input {input_path}: not a directory (the {kind} source reads a folder)")
+        raise InputError(f"--input {input_path}: not a directory (the {kind} source reads a folder)")
     if kind == "manifest" and not Path(path).is_file():
-        raise ValueError(f"--input {input_path}: no such manifest file")
+        raise InputError(f"--input {input_path}: no such manifest file")
     if kind == "pdf" and not Path(path).exists():
-        raise ValueError(f"--input {input_path}: no such PDF or folder")
+        raise InputError(f"--input {input_path}: no such PDF or folder")
     return fn(path, **options)

@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_prep.errors import InputError
 from data_prep.images import IMAGE_EXTENSIONS
 from data_prep.schema import Candidate
 from data_prep.text import clean_text
@@ -81,7 +82,7 @@ def iter_funsd(root: Path) -> Iterator[Candidate]:
     root = Path(root)
     ann_dirs = sorted(p for p in [root / "annotations", *root.rglob("annotations")] if p.is_dir())
     if not ann_dirs:
-        raise ValueError(f"--input {root}: no annotations/ folder (FUNSD layout: annotations/*.json + images/)")
+        raise InputError(f"--input {root}: no annotations/ folder (FUNSD layout: annotations/*.json + images/)")
     for ann_dir in dict.fromkeys(ann_dirs):
         split = ann_dir.parent.name if ann_dir.parent != root else ""
         images = ann_dir.parent / "images"

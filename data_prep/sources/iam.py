@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.errors import InputError
 from data_prep.schema import Candidate
 from data_prep.text import clean_text
 
@@ -97,13 +98,13 @@ def _forms_from_ascii(root: Path) -> Iterator[tuple[str, str, list[_Line], str |
 def iter_iam(root: Path, level: str = "line") -> Iterator[Candidate]:
     root = Path(root)
     if level not in LEVELS:
-        raise ValueError(f"--iam-level {level!r}: choose one of {', '.join(LEVELS)}")
+        raise InputError(f"--iam-level {level!r}: choose one of {', '.join(LEVELS)}")
     if (root / "xml").is_dir():
         forms = _forms_from_xml(root)
     elif (root / "ascii" / "lines.txt").is_file():
         forms = _forms_from_ascii(root)
     else:
-        raise ValueError(f"--input {root}: not an IAM folder (expected xml/ or ascii/lines.txt)")
+        raise InputError(f"--input {root}: not an IAM folder (expected xml/ or ascii/lines.txt)")
     for form_id, writer, lines, problem in forms:
         group = f"writer-{writer}" if writer else f"form-{form_id}"
         if problem:

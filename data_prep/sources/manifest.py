@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_prep.errors import InputError
 from data_prep.schema import Candidate
 from data_prep.sources.paths import UnsafePath, resolve_inside
 from data_prep.text import clean_text
@@ -27,7 +28,7 @@ def _decode(manifest: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ValueError(
+        raise InputError(
             f"{manifest}: not valid UTF-8 at line {line} (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8"
         ) from exc
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_prep.errors import InputError
 from data_prep.schema import Candidate
 from data_prep.text import TextError, clean_text, read_transcript
 
@@ -63,7 +64,7 @@ def iter_pdf(root: Path, dpi: int = 144, max_pixels: int | None = None) -> Itera
     import pypdfium2 as pdfium
 
     if not 36 <= dpi <= 1200:
-        raise ValueError(f"--dpi {dpi}: choose between 36 and 1200")
+        raise InputError(f"--dpi {dpi}: choose between 36 and 1200")
     root = Path(root)
     pdfs = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() == ".pdf")
     base = root.parent if root.is_file() else root

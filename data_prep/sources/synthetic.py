@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_prep.errors import InputError
 from data_prep.images import encode_png
 from data_prep.render import AUGMENTS, BOLD_FONTS, PRINTED_FONTS, FontError, Span, compose, pick_font, text_mask
 from data_prep.schema import Candidate
@@ -32,7 +33,7 @@ _BOLD = re.compile(r"\*\*(.+?)\*\*")
 
 def samples(text: str, unit: str) -> list[str]:
     if unit not in UNITS:
-        raise ValueError(f"--unit {unit!r}: choose one of {', '.join(UNITS)}")
+        raise InputError(f"--unit {unit!r}: choose one of {', '.join(UNITS)}")
     if unit == "line":
         return [line.strip() for line in text.splitlines() if line.strip()]
     return [clean_text(b) for b in re.split(r"\n[ \t]*\n", text) if b.strip()]
@@ -79,13 +80,13 @@ def iter_synthetic(corpus: Path, fonts: tuple[str, ...] = PRINTED_FONTS, augment
                    unit: str = "block") -> Iterator[Candidate]:
     corpus = Path(corpus)
     if augment not in AUGMENTS:
-        raise ValueError(f"--augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+        raise InputError(f"--augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
     if not corpus.is_file():
-        raise ValueError(f"--input {corpus}: the synthetic source renders a .txt or .md corpus file")
+        raise InputError(f"--input {corpus}: the synthetic source renders a .txt or .md corpus file")
     try:
         text = read_transcript(corpus)
     except TextError as exc:
-        raise ValueError(str(exc)) from None
+        raise InputError(str(exc)) from None
     rng = random.Random(seed)
     for i, markdown in enumerate(samples(text, unit)):
         rid = f"{corpus.stem}-{i:06d}"
