@@ -18,12 +18,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # name | lines | overrides of the demo recipe (each spells out r, alpha and lr: the recipe's change)
 SETTINGS=(
-  # session 7, on an earlier v1 base: learning rate, and every weight against decoder LoRA
+  # learning rate, and every weight against decoder LoRA
   "dec-lr3e-3-800|3000|train.max_steps=800 lora.r=16 lora.alpha=32 train.lr=3e-3"
   "dec-lr1e-3-800|3000|train.max_steps=800 lora.r=16 lora.alpha=32 train.lr=1e-3"
   "dec-lr3e-4-800|3000|train.max_steps=800 lora.r=16 lora.alpha=32 train.lr=3e-4"
   "full-lr1e-3-800|3000|train.max_steps=800 train.lr=1e-3 lora.preset=full"
-  # session 8, on the shipped base: lines against steps, rank and rate
+  # lines against steps, rank and rate
   "a|2000|train.max_steps=600 lora.r=16 lora.alpha=32 train.lr=3e-3"
   "b|2000|train.max_steps=1200 lora.r=16 lora.alpha=32 train.lr=3e-3"
   "c|6000|train.max_steps=600 lora.r=16 lora.alpha=32 train.lr=3e-3"
@@ -32,8 +32,7 @@ SETTINGS=(
   "h|6000|train.max_steps=1200 lora.r=16 lora.alpha=32 train.lr=6e-3"
   "k|12000|train.max_steps=1500 lora.r=64 lora.alpha=128 train.lr=3e-3"
   "m|12000|train.max_steps=1500 lora.r=32 lora.alpha=64 train.lr=3e-3"
-  # session 9, capital-letter labels for capitals-only fonts and size-stratified splits: what
-  # fits the CPU demo's ~3 minutes of training (<= ~1,000 steps of 16 lines)
+  # what fits the CPU demo's few minutes of training (<= ~1,000 steps of 16 lines)
   "p0|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=4e-3"
   "p1|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=6e-3"
   "p2|12000|train.max_steps=900 lora.r=32 lora.alpha=64 train.lr=8e-3"
