@@ -293,3 +293,24 @@ def test_projector_and_vision_lora_get_gradients_when_asked():
     vis = [g for n, g in grads.items() if "vision_model" in n and "lora_B" in n]
     assert proj and all(g is not None and g.abs().sum() > 0 for g in proj)
     assert vis and all(g is not None and g.abs().sum() > 0 for g in vis)
+
+
+def test_written_config_has_the_fields_the_official_code_and_vllm_require():
+    """tile_tag 2D and the global view first (the official code and vLLM refuse others), plain
+    attention spelled the DeepSeek-V2 way (zero rope/nope split, no MLA ranks: else vLLM builds
+    MLA), one expert group, and an integer expert count even for a decoder without MoE layers."""
+    from finetune.models.deepseek_ocr.checkpoint import official_config
+
+    raw = official_config(config_from_official(OFFICIAL_CONFIG, "official", 128815))
+    assert (raw["tile_tag"], raw["global_view_pos"], raw["candidate_resolutions"]) == ("2D", "head", [[1024, 1024]])
+    lang = raw["language_config"]
+    assert {k: lang[k] for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "q_lora_rank",
+                                 "n_group", "topk_group", "use_mla")} == {
+        "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0, "kv_lora_rank": None, "q_lora_rank": None,
+        "n_group": 1, "topk_group": 1, "use_mla": False}
+    dense = dict(OFFICIAL_CONFIG, language_config=dict(OFFICIAL_CONFIG["language_config"], first_k_dense_replace=12))
+    lang = official_config(config_from_official(dense, "dense", 128815))["language_config"]
+    assert lang["n_routed_experts"] == 64 and lang["first_k_dense_replace"] == lang["num_hidden_layers"] == 12
+    assert config_from_official({**dense, "language_config": lang}, "x", 1).text_config.mlp_layer_types == ["dense"] * 12
+    with pytest.raises(OfficialLayoutError, match="tile_tag '1D'"):
+        config_from_official(dict(OFFICIAL_CONFIG, tile_tag="1D"), "x", 1)

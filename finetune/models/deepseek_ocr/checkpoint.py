@@ -125,6 +125,9 @@ def config_from_official(raw: dict, where: str, image_token_id: int):
         if bool(lang.get(key, False)) != ok:
             raise OfficialLayoutError(f"{where}: language_config.{key} = {lang[key]!r} is not DeepSeek-OCR's decoder "
                                   f"(expected {ok})")
+    if raw.get("tile_tag", "2D") != "2D" or raw.get("global_view_pos", "head") != "head":
+        raise OfficialLayoutError(f"{where}: tile_tag {raw.get('tile_tag')!r} / global_view_pos "
+                                  f"{raw.get('global_view_pos')!r}: only DeepSeek-OCR's '2D' / 'head' are supported")
     if lang.get("scoring_func", "softmax") != "softmax":
         raise OfficialLayoutError(f"{where}: language_config.scoring_func {lang['scoring_func']!r}: only softmax is supported")
     n_layers = int(need(lang, "num_hidden_layers", "language_config."))
@@ -170,11 +173,21 @@ def official_config(config) -> dict:
     lang.update(first_k_dense_replace=first_dense, moe_layer_freq=1, use_mla=False, norm_topk_prob=False,
                 scoring_func="softmax", rope_theta=float(t.rope_parameters.get("rope_theta", 10000.0)),
                 attention_bias=bool(t.attention_bias))
-    if "sparse" not in kinds:
-        lang["n_routed_experts"] = None
+    # As published: plain multi-head attention spelled the DeepSeek-V2 way (no MLA ranks, zero
+    # rope/nope split) and one expert group. vLLM reads these fields: without the zero head-dim
+    # split it builds MLA attention, and a null expert count or group is refused. A decoder
+    # without MoE layers keeps its expert count and says "dense" through first_k_dense_replace.
+    lang.update(kv_lora_rank=None, q_lora_rank=None, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
+    lang["n_group"] = lang.get("n_group") or 1
+    lang["topk_group"] = lang.get("topk_group") or 1
     return {
         "architectures": ["DeepseekOCRForCausalLM"],
         "model_type": OFFICIAL_MODEL_TYPE,
+        # The published view layout: tiles tagged in 2-D, the global view first. The official
+        # code and vLLM refuse any other, so they are written, not assumed.
+        "candidate_resolutions": [[1024, 1024]],
+        "global_view_pos": "head",
+        "tile_tag": "2D",
         "language_config": lang,
         "projector_config": {"input_dim": config.projector_input, "n_embed": t.hidden_size, "projector_type": "linear"},
         "vision_config": {
