@@ -29,11 +29,11 @@ def _peft_probe_quiet():
         yield
 
 
-def get_peft_model(model, config):
+def get_peft_model(model, config, adapter_name: str = "default"):
     from peft import get_peft_model as wrap
 
     with _peft_probe_quiet():
-        return wrap(model, config)
+        return wrap(model, config, adapter_name=adapter_name)
 
 
 def peft_from_pretrained(model, adapter_dir: str, adapter_name: str):

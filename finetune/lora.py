@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -118,27 +119,134 @@ def format_ledger(ledger: dict) -> str:
     return "\n".join(lines)
 
 
-def _rename(key: str, renames) -> str:
-    for old, new in renames:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+def _spec_matches(spec, name: str) -> bool:
+    """PEFT's rule for target_modules / modules_to_save: a regex full-matches the module name;
+    a list entry equals it or is a dotted suffix of it."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
 
 
-def save_adapter(peft_model, out_dir, renames, state_dict=None) -> None:
-    """PEFT save, then rewrite tensor names into the family's on-disk naming. `state_dict`:
-    the full model state gathered from sharded processes (FSDP, ZeRO-3), else None."""
+def native_modules(model: nn.Module, spec, family, key: str, linear_only: bool) -> list[str]:
+    """ocrtune's module names for a PEFT spec written against the published checkpoint's names
+    (what Unsloth, ms-swift and vLLM use, and what ocrtune writes): each module is matched
+    under its published name, so a short name such as "q_proj" reaches exactly the modules it
+    reaches in the published model (not CLIP's q/k/v, which are one fused qkv_proj there)."""
+    found, fused = [], []
+    for name, module in model.named_modules():
+        if not name or (linear_only and not isinstance(module, nn.Linear)):
+            continue
+        published, same = family.published_module_name(name)
+        if _spec_matches(spec, published):
+            (found if same else fused).append(name)
+    if fused:
+        raise InputError(f"adapter_config.json {key}: targets {family.published_module_name(fused[0])[0]} "
+                         f"({len(fused)} modules), which ocrtune splits into separate q/k/v projections; a LoRA on "
+                         "the fused projection cannot be applied to them exactly: merge the adapter into the base "
+                         "with the tool that trained it and load the merged checkpoint")
+    if not found:  # adapters ocrtune wrote before it used published names name its own modules
+        found = [n for n, m in model.named_modules()
+                 if n and (not linear_only or isinstance(m, nn.Linear)) and _spec_matches(spec, n)]
+    return found
+
+
+def _published_spec(spec, family, model: nn.Module, linear_only: bool):
+    """ocrtune's own target spec (a regex over its module names, or a list of names) -> the same
+    modules in published names: a regex when the renaming keeps it exact, else the name list."""
+    if spec is None:
+        return None
+    candidates = _unwrapped_names(model, linear_only)
+    published = sorted({family.published_module_name(n)[0] for n in candidates if _spec_matches(spec, n)})
+    if isinstance(spec, str):
+        pattern = spec
+        for ours, theirs in family.PUBLISHED_PREFIXES:
+            pattern = pattern.replace(re.escape(ours.rstrip(".")), re.escape(theirs.rstrip(".")))
+        everything = {family.published_module_name(n)[0] for n in candidates}
+        if sorted(n for n in everything if re.fullmatch(pattern, n)) == published:
+            return pattern
+    return published
+
+
+def _unwrapped_names(model: nn.Module, linear_only: bool) -> list[str]:
+    """Module names as they were before PEFT wrapped them (a wrapped Linear's weights sit in
+    `.base_layer`; its lora_A/lora_B and modules_to_save copies are PEFT's own)."""
+    names = []
+    for name, module in model.named_modules():
+        if not name or re.search(r"\.(lora_[A-Za-z_]+|modules_to_save|original_module)(\.|$)", name):
+            continue
+        if name.endswith(".base_layer"):
+            names.append(name.removesuffix(".base_layer"))
+        elif not linear_only or isinstance(module, nn.Linear):
+            if not hasattr(module, "base_layer"):
+                names.append(name)
+    return names
+
+
+def save_adapter(peft_model, out_dir, family, state_dict=None) -> None:
+    """PEFT save, then the tensor names (and, where the family reads adapter configs in
+    published names, adapter_config.json's targets) rewritten into the family's on-disk
+    naming. `state_dict`: the full model state gathered from sharded processes (FSDP,
+    ZeRO-3), else None."""
+    import json
+
     from safetensors.torch import load_file, save_file
 
     peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False,
                                state_dict=state_dict)
     path = f"{out_dir}/adapter_model.safetensors"
     tensors = load_file(path)
-    save_file({_rename(k, renames): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    save_file({family.adapter_key_to_disk(k): v.contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": "pt"})
+    if family.ADAPTER_CONFIG_PUBLISHED:
+        cfg_path = Path(out_dir) / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        base = peft_model.get_base_model()
+        cfg["target_modules"] = _published_spec(cfg.get("target_modules"), family, base, linear_only=True)
+        if cfg.get("modules_to_save"):
+            cfg["modules_to_save"] = _published_spec(cfg["modules_to_save"], family, base, linear_only=False)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def load_adapter(model, adapter_dir, adapter_name: str, renames):
-    """`PeftModel.from_pretrained`, then prove every tensor in the file landed in the model.
+def _load_published(model, adapter_dir: Path, adapter_name: str, family):
+    """An adapter whose config and tensors use the published checkpoint's names (ocrtune's own,
+    Unsloth's, ms-swift's): the targets are mapped onto ocrtune's modules, the model wrapped
+    with that config, and the tensors loaded under their native names."""
+    import json
+
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from finetune.compat import get_peft_model
+
+    raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{adapter_dir}/adapter_config.json: peft_type {raw['peft_type']!r}: only LoRA adapters load")
+    for key in ("layers_to_transform", "layers_pattern", "target_parameters"):
+        if raw.get(key):
+            raise InputError(f"{adapter_dir}/adapter_config.json: {key} {raw[key]!r} is not supported for "
+                             f"{family.MODEL_TYPE} adapters (name the modules in target_modules)")
+    if not raw.get("target_modules"):
+        raise InputError(f"{adapter_dir}/adapter_config.json: target_modules is empty")
+    known = set(LoraConfig.__dataclass_fields__)
+    cfg = {k: v for k, v in raw.items() if k in known}
+    cfg["target_modules"] = native_modules(model, raw["target_modules"], family, "target_modules", linear_only=True)
+    if not cfg["target_modules"]:
+        raise InputError(f"{adapter_dir}/adapter_config.json: target_modules {raw['target_modules']!r} matches no "
+                         f"module of this {family.MODEL_TYPE} model")
+    if raw.get("modules_to_save"):
+        cfg["modules_to_save"] = native_modules(model, raw["modules_to_save"], family, "modules_to_save",
+                                                linear_only=False)
+    cfg["inference_mode"] = True  # as PeftModel.from_pretrained: the loaded adapter is frozen
+    base_name = cfg.pop("base_model_name_or_path", None)  # PEFT would warn that the model has no name
+    peft_model = get_peft_model(model, LoraConfig(**cfg), adapter_name)
+    peft_model.peft_config[adapter_name].base_model_name_or_path = base_name
+    tensors = {family.adapter_key_from_disk(k): v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
+    return peft_model
+
+
+def load_adapter(model, adapter_dir, adapter_name: str, family):
+    """The adapter onto `model`, then proof that every tensor in the file landed in the model.
 
     A LoRA tensor that fails to load stays at its initial value (B = 0), which would make
     the "adapted" system silently equal to the base model; here that is an error.
@@ -148,13 +256,16 @@ def load_adapter(model, adapter_dir, adapter_name: str, renames):
 
     from finetune.compat import peft_from_pretrained
 
-    peft_model = peft_from_pretrained(model, str(adapter_dir), adapter_name)
+    adapter_dir = Path(adapter_dir)
+    if family.ADAPTER_CONFIG_PUBLISHED:
+        peft_model = _load_published(model, adapter_dir, adapter_name, family)
+    else:
+        peft_model = peft_from_pretrained(model, str(adapter_dir), adapter_name)
     params = dict(peft_model.named_parameters())
     on_disk = load_file(f"{adapter_dir}/adapter_model.safetensors")
-    inverse = [(new, old) for old, new in renames]
     bad = []
     for key, tensor in on_disk.items():
-        native = _rename(key, inverse)
+        native = family.adapter_key_from_disk(key)
         stem, _, leaf = native.rpartition(".")
         # LoRA tensors sit under the adapter's name; modules trained in full (train_projector)
         # under modules_to_save.<name>.

@@ -74,7 +74,7 @@ def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str 
     if adapter is not None:
         from finetune.lora import load_adapter
 
-        model = load_adapter(model, adapter, "adapted", resolved.family.ADAPTER_DISK_RENAMES)
+        model = load_adapter(model, adapter, "adapted", resolved.family)
     model.eval()
     saved = meta.get("vision", {})
     vision = resolved.family.vision_settings(processor, saved.get("mode"), saved.get("crop_to_patches"),

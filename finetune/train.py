@@ -350,7 +350,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
                 if best["cer"] is None or val.cer < best["cer"]:
                     best = {"cer": val.cer, "step": step, "stale": 0}
                     if main:
-                        _save_weights(unwrapped, output_dir / "best", full, processor, family.ADAPTER_DISK_RENAMES,
+                        _save_weights(unwrapped, output_dir / "best", full, processor, family,
                                       {**meta, "steps": step, "validation": {"split": v.split, "samples": val.samples,
                                                                              "cer": val.cer, "loss": val.loss}})
                 else:
@@ -406,7 +406,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         "versions": library_versions(),
     }
     if main:
-        _save_weights(unwrapped, saved_dir, full, processor, family.ADAPTER_DISK_RENAMES, {**meta, "steps": step},
+        _save_weights(unwrapped, saved_dir, full, processor, family, {**meta, "steps": step},
                       gathered)
         write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         say(f"{'model' if full else 'adapter'} written to {saved_dir}")
@@ -416,7 +416,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     return TrainResult(output_dir, saved_dir, summary, unwrapped)
 
 
-def _save_weights(unwrapped, target: Path, full: bool, processor, renames, meta: dict, state_dict=None) -> None:
+def _save_weights(unwrapped, target: Path, full: bool, processor, family, meta: dict, state_dict=None) -> None:
     """The adapter (or, for preset full, the whole model) into a staging dir renamed onto
     `target`: a crash or a full disk leaves the previous `target` as it was."""
     import shutil
@@ -431,7 +431,7 @@ def _save_weights(unwrapped, target: Path, full: bool, processor, renames, meta:
             unwrapped.save_pretrained(str(staging), state_dict=state_dict)
             processor.save_pretrained(str(staging))
         else:
-            save_adapter(unwrapped, staging, renames, state_dict)
+            save_adapter(unwrapped, staging, family, state_dict)
             (staging / "README.md").unlink(missing_ok=True)  # `ocrtune push` writes the real card
             (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     except Exception as exc:

@@ -162,7 +162,7 @@ def test_batched_generation_equals_one_at_a_time(loop):
     from finetune.sequence import builder_for
 
     resolved, model, processor = load_model(TINY)
-    model = load_adapter(model, loop["work"] / "run/adapter", "adapted", resolved.family.ADAPTER_DISK_RENAMES).eval()
+    model = load_adapter(model, loop["work"] / "run/adapter", "adapted", resolved.family).eval()
     builder = builder_for(resolved.family, processor, model.config, "<image>\nFree OCR.", resolved.family.vision_settings(processor))
     rows = load_from_disk(str(loop["work"] / "data"))["test"]
     pages = [(r["id"], r["image"]) for r in rows]

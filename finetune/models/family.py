@@ -49,8 +49,12 @@ class ModelFamily(ABC):
     CONFIG_MODEL_TYPES: ClassVar[tuple[str, ...]]  # config.json model_type values it reads
     MODES: ClassVar[tuple[str, ...]]  # resolution modes (vision.mode); checked without weights
     LAYOUT: ClassVar[DecoderLayout]
-    # (prefix in memory, prefix on disk) for adapter keys: applied when saving, undone when loading.
-    ADAPTER_DISK_RENAMES: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # (ocrtune's module prefix, the published checkpoint's) where the two trees name a module
+    # differently; adapters are written with the published names, the layout other tools share.
+    PUBLISHED_PREFIXES: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # True: adapter_config.json's targets are read as published names and mapped onto ocrtune's
+    # modules when loading (so adapters from other tools load too). False: PEFT loads it as is.
+    ADAPTER_CONFIG_PUBLISHED: ClassVar[bool] = False
     # Hub ids published in a layout this family does not read -> the same weights in one it does.
     HUB_ALIASES: ClassVar[dict[str, str]] = {}
 
@@ -78,8 +82,38 @@ class ModelFamily(ABC):
     def collate_pixels(self, items: list[dict]) -> dict:
         """Batch `encode_image` outputs in the layout the model's forward takes."""
 
+    def published_module_name(self, native: str) -> tuple[str, bool]:
+        """(the published checkpoint's name for ocrtune's module `native`, whether it is the same
+        module there). False: `native` is part of a fused module upstream (v1's CLIP q/k/v are
+        one qkv_proj), so a LoRA on one cannot be written as a LoRA on the other."""
+        for ours, theirs in self.PUBLISHED_PREFIXES:
+            if (native + ".").startswith(ours):
+                return (theirs + (native + ".")[len(ours):])[:-1], True
+        return native, True
+
+    def adapter_key_to_disk(self, key: str) -> str:
+        """A PEFT state-dict key (`base_model.model.<module>.<leaf>`) -> its name on disk."""
+        head, rest = _split_peft_key(key)
+        for ours, theirs in self.PUBLISHED_PREFIXES:
+            if rest.startswith(ours):
+                return head + theirs + rest[len(ours):]
+        return key
+
+    def adapter_key_from_disk(self, key: str) -> str:
+        """Undoes `adapter_key_to_disk`; a key already in ocrtune's names stays as it is."""
+        head, rest = _split_peft_key(key)
+        for ours, theirs in self.PUBLISHED_PREFIXES:
+            if rest.startswith(theirs):
+                return head + ours + rest[len(theirs):]
+        return key
+
     def image_token_id(self, model_config) -> int:
         return int(model_config.image_token_id)
 
     def __repr__(self) -> str:
         return f"<model family {self.MODEL_TYPE}>"
+
+
+def _split_peft_key(key: str) -> tuple[str, str]:
+    head = "base_model.model."
+    return (head, key[len(head):]) if key.startswith(head) else ("", key)

@@ -46,6 +46,31 @@ class DeepseekOcr(ModelFamily):
                      r"|mlp\.fc1|mlp\.fc2)"),
     )
 
+    # Adapters are written under the published checkpoint's names (model.layers.N..., the
+    # projector as model.projector.layers), which vLLM, Unsloth, ms-swift and the official code
+    # share, and adapter_config.json's targets are read in those names.
+    ADAPTER_CONFIG_PUBLISHED = True
+    # Used to rewrite a target regex into published names; keys and module names go through
+    # the checkpoint's full rename table (published_module_name, adapter_key_*).
+    PUBLISHED_PREFIXES = (("model.language_model.", "model."), ("model.projector.", "model.projector.layers."))
+
+    def published_module_name(self, native: str) -> tuple[str, bool]:
+        from finetune.models.deepseek_ocr.checkpoint import official_module_name
+
+        return official_module_name(native)
+
+    def adapter_key_to_disk(self, key: str) -> str:
+        from finetune.models.deepseek_ocr.checkpoint import to_official_key
+
+        head = "base_model.model."
+        return head + to_official_key(key[len(head):]) if key.startswith(head) else to_official_key(key)
+
+    def adapter_key_from_disk(self, key: str) -> str:
+        from finetune.models.deepseek_ocr.checkpoint import from_official_key
+
+        head = "base_model.model."
+        return head + from_official_key(key[len(head):]) if key.startswith(head) else from_official_key(key)
+
     def check_config(self, raw: dict, where: str) -> None:
         from finetune.models.deepseek_ocr.checkpoint import is_v1_config  # transformers' configs: imported on use
 

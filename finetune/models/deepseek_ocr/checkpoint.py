@@ -94,6 +94,25 @@ def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def official_module_name(native: str) -> tuple[str, bool]:
+    """The published name of a native module, and whether it is the same module there (CLIP's
+    q/k/v are one fused qkv_proj upstream)."""
+    m = re.fullmatch(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)(q|k|v)_proj", native)
+    if m:
+        return f"{m.group(1)}qkv_proj", False
+    return _rename(native + ".", _INVERSE)[:-1], True
+
+
+def to_official_key(native: str) -> str:
+    return _rename(native, _INVERSE)
+
+
+def from_official_key(official: str) -> str:
+    """Official -> native for a key under one module (names already native pass unchanged: no
+    official prefix is a prefix of a native name)."""
+    return _rename(official, _RENAMES)
+
+
 # --- config.json -------------------------------------------------------------------------
 
 _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",

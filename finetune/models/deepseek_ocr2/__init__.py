@@ -48,7 +48,9 @@ class DeepseekOcr2(ModelFamily):
     # `(^|model\.)layers\.` -> `language_model.layers.` also matches inside an already
     # native `language_model.layers.`, mangling every key. Keys in the original naming come
     # out of that conversion exactly right, so plain `PeftModel.from_pretrained` works.
-    ADAPTER_DISK_RENAMES = (("base_model.model.model.language_model.", "base_model.model.model."),)
+    PUBLISHED_PREFIXES = (("model.language_model.layers.", "model.layers."),
+                          ("model.language_model.embed_tokens.", "model.embed_tokens."),
+                          ("model.language_model.norm.", "model.norm."))
     # deepseek-ai/DeepSeek-OCR-2 is published in the remote-code layout (model_type
     # deepseek_vl_v2); the same weights in transformers' layout live at this id.
     HUB_ALIASES = {"deepseek-ai/DeepSeek-OCR-2": "deepseek-community/DeepSeek-OCR-2"}
