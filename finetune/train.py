@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from finetune.compat import enable_activation_checkpointing, get_peft_model
-from finetune.config import RunConfig, dump_yaml, load_config, to_dict
+from finetune.config import (DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings, ValidationSettings,
+                             VisionConfig, dump_yaml, load_config, to_dict)
 from finetune.errors import OcrtuneError, library_versions
 from finetune.feature_cache import VisionFeatureCache, unsupported as unsupported_cache
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
@@ -104,139 +106,51 @@ def _forever(loader, sampler, start_epoch: int = 0, skip: int = 0):
         epoch += 1
 
 
+@dataclass
+class TrainState:
+    """What the step loop changes: checkpoints, metrics.jsonl and the summary read it."""
+
+    step: int = 0  # the last optimizer step taken
+    # best validation CER, and validations since it improved
+    best: dict = field(default_factory=lambda: {"cer": None, "step": None, "stale": 0})
+    tokens_seen: int = 0
+    last_loss: float = float("nan")
+    stopped: str = "max_steps"  # or "early_stopping"
+    started: float = 0.0  # time.perf_counter() when the loop started
+
+
 def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
-    from datasets import load_from_disk
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
+    from accelerate.utils import set_seed
 
     from data_prep.atomic import write_text_atomic
-    from data_prep.build import is_dataset_dir, read_dataset_info
-    from finetune.checkpoint import CheckpointError, latest_complete, load_checkpoint, save_checkpoint
     from finetune.decoding import RepetitionGuard, table_tag_ids
-    from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets
-    from finetune.models import BUILTIN_PREFIX, load_model
-    from finetune.runtime import choose_prompt, resolve_dtype
-    from finetune.sequence import builder_for
+    from finetune.lora import FULL
     from finetune.validation import validate
 
     t, v = cfg.train, cfg.validation
     full = cfg.lora.preset == FULL
     # --- Accelerator first: it decides device, precision and process layout. -------------
     on_gpu = torch.cuda.is_available()
-    mixed = t.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(
-        # cpu=True without a GPU: accelerate then runs torchrun/accelerate-launch ranks
-        # as multi-CPU (gloo) instead of N independent single-process runs.
-        cpu=not on_gpu and not torch.backends.mps.is_available(),
-        mixed_precision=mixed,
-        # sync_with_dataloader=False: an epoch boundary must not end an accumulation window
-        # early, or the per-token normalisation below would be wrong for that step.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
-        log_with=cfg.report_to or None,
-    )
+    accelerator = _accelerator(t, cfg.report_to, on_gpu)
     set_seed(t.seed)
-    main = accelerator.is_main_process
-    say = accelerator.print
-    # Under FSDP and DeepSpeed the weights and optimizer state may be sharded per process.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        gas = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
-        if gas not in (None, "auto", t.grad_accum):
-            raise TrainError(f"train.grad_accum={t.grad_accum} but the DeepSpeed config says "
-                             f"gradient_accumulation_steps={gas}: make them equal")
-    if sharded and (t.save_steps or t.resume_from):
-        raise TrainError(f"train.save_steps / train.resume_from: checkpoints under {accelerator.distributed_type.value} "
-                         "are not supported yet (the optimizer state is sharded per process); train with DDP "
-                         "(configs/accelerate/multi_gpu.yaml: LoRA on the 3B decoder fits 24 GB GPUs) or set "
-                         "train.save_steps=0")
+    main, say = accelerator.is_main_process, accelerator.print
+    sharded = _check_topology(accelerator, t)
 
     # --- Data ------------------------------------------------------------------------------
-    data_path = Path(cfg.data.path)
-    if not is_dataset_dir(data_path):
-        raise TrainError(f"data.path {data_path}: not a dataset directory (build one with `ocrtune data build`)")
-    splits = load_from_disk(str(data_path))
-    if cfg.data.train_split not in splits:
-        raise TrainError(f"data.train_split {cfg.data.train_split!r}: {data_path} has splits {', '.join(splits)}")
-    train_split = splits[cfg.data.train_split]
-    val_rows = None
-    if v.every_steps:
-        if v.split not in splits or len(splits[v.split]) == 0:
-            raise TrainError(f"validation.split {v.split!r}: {data_path} has no such non-empty split "
-                             f"(splits: {', '.join(f'{k} ({len(x)})' for k, x in splits.items())}); "
-                             "set validation.every_steps=0 to train without validation")
-        val_rows = splits[v.split].select(range(min(v.max_samples, len(splits[v.split]))))
-    prompt = choose_prompt(cfg.data.prompt, None, read_dataset_info(data_path))
+    data_path, train_split, val_rows, prompt = _load_data(cfg.data, v)
 
     # --- Model, frozen; LoRA on the decoder only ------------------------------------------
-    resolved, model, processor = load_model(cfg.model.name, dtype=resolve_dtype(cfg.model.dtype, on_gpu))
+    resolved, model, processor, vision, builder = _load_model(cfg.model, cfg.vision, prompt, on_gpu)
     family = resolved.family
-    try:
-        vision = family.vision_settings(processor, cfg.vision.mode, cfg.vision.crop_to_patches, cfg.vision.min_tiles,
-                                        cfg.vision.max_tiles)
-    except ValueError as exc:
-        raise TrainError(f"vision.mode: {exc}") from None
-    builder = builder_for(family, processor, model.config, prompt, vision)
-
-    lengths = [builder.count_target_tokens(text) for text in list(train_split["markdown"])]
-    keep = [i for i, n in enumerate(lengths) if n <= cfg.data.max_target_tokens]
-    dropped = len(lengths) - len(keep)
-    if dropped:
-        say(f"dropped {dropped} of {len(lengths)} training samples longer than data.max_target_tokens="
-            f"{cfg.data.max_target_tokens} (never truncated)")
+    lengths, keep, dropped = _short_enough(builder, train_split["markdown"], cfg.data.max_target_tokens, say)
     if not keep:
         raise TrainError(f"no training samples left in {data_path}:{cfg.data.train_split}")
-
-    if full:
-        model.requires_grad_(True)
-        ledger = parameter_ledger(model, family.LAYOUT)
-        say(f"full-parameter training (lora.preset {FULL!r})\n{format_ledger(ledger)}")
-    else:
-        model.requires_grad_(False)
-        targets = resolve_targets(model, cfg.lora.preset, family.LAYOUT, cfg.lora.vision_lora)
-        extra = list(family.LAYOUT.projector_modules) if cfg.lora.train_projector else None
-        model = get_peft_model(model, lora_config(targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
-                                                  cfg.lora.use_rslora, cfg.lora.use_dora, extra))
-        model.peft_config["default"].base_model_name_or_path = resolved.name
-        ledger = parameter_ledger(model, family.LAYOUT)
-        say(f"LoRA preset {cfg.lora.preset!r}, r={cfg.lora.r}, alpha={cfg.lora.alpha}\n{format_ledger(ledger)}")
-    checkpointing = t.gradient_checkpointing
-    if checkpointing is None:  # real checkpoints need it; the builtin tiny models do not
-        checkpointing = not resolved.name.startswith(BUILTIN_PREFIX)
-    if checkpointing:
-        enable_activation_checkpointing(model)
-        model.enable_input_require_grads()
-    lm_head = model.get_output_embeddings()  # frozen; the chunked loss runs it outside DDP's forward
-    loss_fn = lambda m, batch: token_loss_sum(m, batch, lm_head, t.loss_chunk_tokens)  # noqa: E731
-    feature_cache = None
-    if t.cache_vision_features:  # load_config refused it with a trained vision side
-        if (why := unsupported_cache(family.MODEL_TYPE)) is not None:
-            raise TrainError(why)
-        feature_cache = VisionFeatureCache(model.get_base_model().model.image_features)
-        train_loss_fn = lambda m, batch: loss_fn(m, feature_cache.inputs(batch))  # noqa: E731
-    else:
-        train_loss_fn = loss_fn
-
-    sampler = EpochShuffle(len(keep), t.seed, [lengths[i] for i in keep] if t.group_by_length else None,
-                           t.batch_size * 50)
-    loader = torch.utils.data.DataLoader(
-        _PageDataset(train_split, keep, builder),
-        batch_size=t.batch_size,
-        sampler=sampler,
-        collate_fn=lambda examples: builder.collate(examples, padding_side="right"),
-        num_workers=t.num_workers,
-        # Workers live across epochs: on a GPU a short epoch otherwise waits for N fresh
-        # processes; pinned pages copy to the GPU without a staging copy.
-        persistent_workers=t.num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
-    scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+    model, ledger, checkpointing = _trainable(model, cfg.lora, full, resolved.name, family.LAYOUT,
+                                              t.gradient_checkpointing, say)
+    loss_fn, train_loss_fn, feature_cache = _loss_fns(model, family.MODEL_TYPE, t.loss_chunk_tokens,
+                                                      t.cache_vision_features)
+    sampler, loader = _loader(train_split, keep, lengths, builder, t)
+    trainable, optimizer, scheduler = _optimizer(model, t)
 
     # --- prepare once ----------------------------------------------------------------------
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -255,60 +169,255 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
                 "lora": to_dict(cfg.lora), "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                 "processes": accelerator.num_processes, "max_steps": t.max_steps, "lr": t.lr,
                 "group_by_length": t.group_by_length}
-    start_step = 0
-    best = {"cer": None, "step": None, "stale": 0}  # best validation CER, and validations since it improved
-    if t.resume_from:
-        path = latest_complete(ckpt_root) if t.resume_from == "latest" else Path(t.resume_from)
-        if path is None:
-            say(f"train.resume_from=latest: no complete checkpoint in {ckpt_root}; starting fresh")
-        else:
-            try:
-                state = load_checkpoint(path, model, optimizer, accelerator, identity, t.resume_force)
-            except CheckpointError as exc:
-                raise TrainError(str(exc)) from None
-            start_step = state["step"]
-            best = state.get("best", best)
-            for _ in range(start_step):  # the schedule is a pure function of the step
-                scheduler.step()
-            say(f"resumed from {path} at step {start_step}")
+    state = _resume(t.resume_from, t.resume_force, ckpt_root, model, optimizer, scheduler, accelerator, identity)
     if main:
         write_text_atomic(output_dir / "config.yaml", dump_yaml(cfg))
-    metrics_file = output_dir / "metrics.jsonl"
-    metrics_fh = None
-    if main:
-        # On resume keep the records up to the checkpoint; a killed run may have logged past it.
-        kept_lines = []
-        if start_step and metrics_file.is_file():
-            kept_lines = [x for x in metrics_file.read_text().splitlines() if x and json.loads(x)["step"] <= start_step]
-        metrics_fh = open(metrics_file, "w", encoding="utf-8")
-        metrics_fh.write("".join(x + "\n" for x in kept_lines))
+    metrics_fh = _open_metrics(output_dir / "metrics.jsonl", state.step) if main else None
 
     unwrapped = accelerator.unwrap_model(model)
     guard = RepetitionGuard(whitelist=table_tag_ids(processor.tokenizer))  # eval's default decoding
     meta = {"base_model": resolved.name, "base_model_is_local_path": resolved.is_local_path,
             "family": family.MODEL_TYPE, "prompt": prompt, "vision": vision.as_dict(), "lora": to_dict(cfg.lora),
             "dataset": str(data_path)}
+    validate_now = functools.partial(validate, model, unwrapped, builder, val_rows, v.batch_size, v.max_new_tokens,
+                                     guard, accelerator, loss_fn)
+    save_best = functools.partial(_save_weights, unwrapped, output_dir / "best", full, processor, family)
+    state = fit(state, accelerator, model, optimizer, scheduler, trainable, loader, sampler, train_loss_fn, t, v,
+                validate_now=validate_now, save_best=save_best, meta=meta, ckpt_root=ckpt_root, identity=identity,
+                checkpointing=checkpointing, metrics_fh=metrics_fh, report=bool(cfg.report_to), progress=progress)
 
-    def checkpoint(step: int) -> Path:
-        try:
-            return save_checkpoint(ckpt_root, step, model, optimizer,
-                                   {"step": step, "micro_batches": step * t.grad_accum, "best": best,
-                                    "processes": accelerator.num_processes, "run": identity},
-                                   accelerator, t.save_total_limit)
-        except CheckpointError as exc:
-            raise TrainError(str(exc)) from None
+    # --- save: adapter (or whole model) into a staging dir, then renamed into place ---------
+    accelerator.wait_for_everyone()
+    # Sharded topologies gather the full weights (a collective: every process calls it).
+    gathered = accelerator.get_state_dict(model) if sharded else None
+    summary = _summary(state, t, accelerator.num_processes, meta, output_dir, len(keep), dropped, checkpointing,
+                       feature_cache, ledger)
+    saved_dir = _finish(accelerator, unwrapped, gathered, summary, output_dir, full, processor,
+                        family, meta, state.step, bool(cfg.report_to))
+    return TrainResult(output_dir, saved_dir, summary, unwrapped)
 
-    consumed = start_step * t.grad_accum  # micro-batches this process has taken
+
+def _accelerator(t: TrainSettings, report_to: list[str], on_gpu: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    mixed = t.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        # cpu=True without a GPU: accelerate then runs torchrun/accelerate-launch ranks
+        # as multi-CPU (gloo) instead of N independent single-process runs.
+        cpu=not on_gpu and not torch.backends.mps.is_available(),
+        mixed_precision=mixed,
+        # sync_with_dataloader=False: an epoch boundary must not end an accumulation window
+        # early, or the per-token normalisation in fit() would be wrong for that step.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
+        log_with=report_to or None,
+    )
+
+
+def _check_topology(accelerator, t: TrainSettings) -> bool:
+    """Refuse what the process layout cannot do; returns whether weights are sharded."""
+    from accelerate.utils import DistributedType
+
+    # Under FSDP and DeepSpeed the weights and optimizer state may be sharded per process.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        gas = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
+        if gas not in (None, "auto", t.grad_accum):
+            raise TrainError(f"train.grad_accum={t.grad_accum} but the DeepSpeed config says "
+                             f"gradient_accumulation_steps={gas}: make them equal")
+    if sharded and (t.save_steps or t.resume_from):
+        raise TrainError(f"train.save_steps / train.resume_from: checkpoints under {accelerator.distributed_type.value} "
+                         "are not supported yet (the optimizer state is sharded per process); train with DDP "
+                         "(configs/accelerate/multi_gpu.yaml: LoRA on the 3B decoder fits 24 GB GPUs) or set "
+                         "train.save_steps=0")
+    return sharded
+
+
+def _load_data(data: DataConfig, v: ValidationSettings):
+    """(dataset path, training split, validation rows or None, prompt)."""
+    from datasets import load_from_disk
+
+    from data_prep.build import is_dataset_dir, read_dataset_info
+    from finetune.runtime import choose_prompt
+
+    data_path = Path(data.path)
+    if not is_dataset_dir(data_path):
+        raise TrainError(f"data.path {data_path}: not a dataset directory (build one with `ocrtune data build`)")
+    splits = load_from_disk(str(data_path))
+    if data.train_split not in splits:
+        raise TrainError(f"data.train_split {data.train_split!r}: {data_path} has splits {', '.join(splits)}")
+    val_rows = None
+    if v.every_steps:
+        if v.split not in splits or len(splits[v.split]) == 0:
+            raise TrainError(f"validation.split {v.split!r}: {data_path} has no such non-empty split "
+                             f"(splits: {', '.join(f'{k} ({len(x)})' for k, x in splits.items())}); "
+                             "set validation.every_steps=0 to train without validation")
+        val_rows = splits[v.split].select(range(min(v.max_samples, len(splits[v.split]))))
+    prompt = choose_prompt(data.prompt, None, read_dataset_info(data_path))
+    return data_path, splits[data.train_split], val_rows, prompt
+
+
+def _load_model(model_cfg: ModelConfig, vision_cfg: VisionConfig, prompt: str, on_gpu: bool):
+    """(resolved name, model, processor, vision settings, sequence builder); the model as loaded."""
+    from finetune.models import load_model
+    from finetune.models.family import VisionModeError
+    from finetune.runtime import resolve_dtype
+    from finetune.sequence import builder_for
+
+    resolved, model, processor = load_model(model_cfg.name, dtype=resolve_dtype(model_cfg.dtype, on_gpu))
+    family = resolved.family
+    try:  # the config's vision section -> processor settings, in the family's one step
+        vision = family.vision_settings(processor, vision_cfg.mode, vision_cfg.crop_to_patches, vision_cfg.min_tiles,
+                                        vision_cfg.max_tiles)
+    except VisionModeError as exc:
+        raise TrainError(f"vision.mode: {exc}") from None
+    return resolved, model, processor, vision, builder_for(family, processor, model.config, prompt, vision)
+
+
+def _short_enough(builder, texts, max_target_tokens: int, say):
+    """(target tokens of every sample, indices of those within max_target_tokens, how many dropped)."""
+    lengths = [builder.count_target_tokens(text) for text in list(texts)]
+    keep = [i for i, n in enumerate(lengths) if n <= max_target_tokens]
+    dropped = len(lengths) - len(keep)
+    if dropped:
+        say(f"dropped {dropped} of {len(lengths)} training samples longer than data.max_target_tokens="
+            f"{max_target_tokens} (never truncated)")
+    return lengths, keep, dropped
+
+
+def _trainable(model, lora: LoraSettings, full: bool, base_name: str, layout, gradient_checkpointing, say):
+    """Every weight (preset full) or LoRA on the frozen model, activation checkpointing on or
+    off; returns (model, parameter ledger, whether checkpointing is on)."""
+    from finetune.lora import FULL, format_ledger, lora_config, parameter_ledger, resolve_targets
+    from finetune.models import BUILTIN_PREFIX
+
+    if full:
+        model.requires_grad_(True)
+        ledger = parameter_ledger(model, layout)
+        say(f"full-parameter training (lora.preset {FULL!r})\n{format_ledger(ledger)}")
+    else:
+        model.requires_grad_(False)
+        targets = resolve_targets(model, lora.preset, layout, lora.vision_lora)
+        extra = list(layout.projector_modules) if lora.train_projector else None
+        model = get_peft_model(model, lora_config(targets, lora.r, lora.alpha, lora.dropout,
+                                                  lora.use_rslora, lora.use_dora, extra))
+        model.peft_config["default"].base_model_name_or_path = base_name
+        ledger = parameter_ledger(model, layout)
+        say(f"LoRA preset {lora.preset!r}, r={lora.r}, alpha={lora.alpha}\n{format_ledger(ledger)}")
+    checkpointing = gradient_checkpointing
+    if checkpointing is None:  # real checkpoints need it; the builtin tiny models do not
+        checkpointing = not base_name.startswith(BUILTIN_PREFIX)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+        model.enable_input_require_grads()
+    return model, ledger, checkpointing
+
+
+def _loss_fns(model, model_type: str, chunk_tokens: int, cache_vision_features: bool):
+    """(loss for validation, loss for training, vision feature cache or None): summed token
+    losses; training's reuses cached vision features when train.cache_vision_features."""
+    lm_head = model.get_output_embeddings()  # frozen; the chunked loss runs it outside DDP's forward
+    loss_fn = lambda m, batch: token_loss_sum(m, batch, lm_head, chunk_tokens)  # noqa: E731
+    feature_cache = None
+    if cache_vision_features:  # load_config refused it with a trained vision side
+        if (why := unsupported_cache(model_type)) is not None:
+            raise TrainError(why)
+        feature_cache = VisionFeatureCache(model.get_base_model().model.image_features)
+        train_loss_fn = lambda m, batch: loss_fn(m, feature_cache.inputs(batch))  # noqa: E731
+    else:
+        train_loss_fn = loss_fn
+    return loss_fn, train_loss_fn, feature_cache
+
+
+def _loader(train_split, keep: list[int], lengths: list[int], builder, t: TrainSettings):
+    """(sampler, DataLoader) over the kept training samples."""
+    sampler = EpochShuffle(len(keep), t.seed, [lengths[i] for i in keep] if t.group_by_length else None,
+                           t.batch_size * 50)
+    loader = torch.utils.data.DataLoader(
+        _PageDataset(train_split, keep, builder),
+        batch_size=t.batch_size,
+        sampler=sampler,
+        collate_fn=lambda examples: builder.collate(examples, padding_side="right"),
+        num_workers=t.num_workers,
+        # Workers live across epochs: on a GPU a short epoch otherwise waits for N fresh
+        # processes; pinned pages copy to the GPU without a staging copy.
+        persistent_workers=t.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return sampler, loader
+
+
+def _optimizer(model, t: TrainSettings):
+    """(trainable parameters, AdamW over them, linear warmup/decay schedule)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
+    scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+    return trainable, optimizer, scheduler
+
+
+def _resume(resume_from: str, force: bool, ckpt_root: Path, model, optimizer, scheduler, accelerator,
+            identity: dict) -> TrainState:
+    """A fresh TrainState, or the one of the checkpoint train.resume_from names (weights,
+    optimizer, RNG and schedule restored)."""
+    from finetune.checkpoint import CheckpointError, latest_complete, load_checkpoint
+
+    state = TrainState()
+    if not resume_from:
+        return state
+    path = latest_complete(ckpt_root) if resume_from == "latest" else Path(resume_from)
+    if path is None:
+        accelerator.print(f"train.resume_from=latest: no complete checkpoint in {ckpt_root}; starting fresh")
+        return state
+    try:
+        saved = load_checkpoint(path, model, optimizer, accelerator, identity, force)
+    except CheckpointError as exc:
+        raise TrainError(str(exc)) from None
+    state.step = saved["step"]
+    state.best = saved.get("best", state.best)
+    for _ in range(state.step):  # the schedule is a pure function of the step
+        scheduler.step()
+    accelerator.print(f"resumed from {path} at step {state.step}")
+    return state
+
+
+def _open_metrics(path: Path, start_step: int):
+    """OUTPUT_DIR/metrics.jsonl, open for writing (the main process's job)."""
+    # On resume keep the records up to the checkpoint; a killed run may have logged past it.
+    kept_lines = []
+    if start_step and path.is_file():
+        kept_lines = [x for x in path.read_text().splitlines() if x and json.loads(x)["step"] <= start_step]
+    metrics_fh = open(path, "w", encoding="utf-8")
+    metrics_fh.write("".join(x + "\n" for x in kept_lines))
+    return metrics_fh
+
+
+def fit(state: TrainState, accelerator, model, optimizer, scheduler, trainable, loader, sampler, loss_fn,
+        t: TrainSettings, v: ValidationSettings, *, validate_now, save_best, meta: dict, ckpt_root: Path,
+        identity: dict, checkpointing: bool, metrics_fh, report: bool, progress: bool) -> TrainState:
+    """Optimizer steps state.step+1 .. t.max_steps (fewer on early stopping; StopRequested after a
+    checkpoint on SIGTERM); closes metrics_fh, returns `state`. `validate_now()` runs validation,
+    `save_best(meta)` writes the weights to OUTPUT_DIR/best/."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from finetune.checkpoint import latest_complete
+
+    main, say = accelerator.is_main_process, accelerator.print
+    checkpoint = functools.partial(_checkpoint, ckpt_root, model, optimizer, accelerator, identity, t.grad_accum,
+                                   t.save_total_limit)
+    consumed = state.step * t.grad_accum  # micro-batches this process has taken
     batches = _forever(loader, sampler, consumed // len(loader), consumed % len(loader))
-    bar = tqdm(total=t.max_steps, initial=start_step, desc="train", disable=not (main and progress))
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", disable=not (main and progress))
     model.train()
-    started = time.perf_counter()
-    tokens_seen = 0
-    last_loss = float("nan")
-    stopped = "max_steps"
-    step = start_step
+    state.started = time.perf_counter()
     with StopSignal() as sigterm, bar, metrics_fh or contextlib.nullcontext():
-        for step in range(start_step + 1, t.max_steps + 1):
+        for step in range(state.step + 1, t.max_steps + 1):
+            state.step = step
             window = [next(batches) for _ in range(t.grad_accum)]
             sample_ids = [i for ids in gather_object([[x for b in window for x in b["ids"]]]) for i in ids]
             # Loss is normalised by the answer tokens of the whole effective batch (all
@@ -320,7 +429,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             try:
                 for batch in window:
                     with accelerator.accumulate(model):
-                        loss_sum = train_loss_fn(model, batch)
+                        loss_sum = loss_fn(model, batch)
                         # accelerate divides by grad_accum and DDP averages over processes: undo both.
                         accelerator.backward(loss_sum * (t.grad_accum * accelerator.num_processes / max(n_tokens, 1)))
                     loss_sum_local += float(loss_sum.detach())
@@ -330,90 +439,111 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             # The window's last micro-batch synchronised the gradients; check them before any
             # update: a non-finite loss must never reach the weights, a checkpoint or best/.
             total_loss = float(accelerator.gather(torch.tensor([loss_sum_local], device=accelerator.device)).sum())
-            last_loss = total_loss / max(n_tokens, 1)
+            state.last_loss = total_loss / max(n_tokens, 1)
             norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
             grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
-            if not math.isfinite(last_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                raise TrainError(nonfinite_message(step, last_loss, grad_norm, sample_ids, latest_complete(ckpt_root)))
+            if not math.isfinite(state.last_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                raise TrainError(nonfinite_message(step, state.last_loss, grad_norm, sample_ids,
+                                                   latest_complete(ckpt_root)))
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
-            tokens_seen += n_tokens
-            elapsed = time.perf_counter() - started
-            record = {"step": step, "loss": last_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                      "target_tokens": n_tokens, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed,
+            state.tokens_seen += n_tokens
+            elapsed = time.perf_counter() - state.started
+            record = {"step": step, "loss": state.last_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                      "target_tokens": n_tokens, "tokens_per_s": state.tokens_seen / elapsed, "elapsed_s": elapsed,
                       "sample_ids": sample_ids}
             if v.every_steps and (step % v.every_steps == 0 or step == t.max_steps):
-                val = validate(model, unwrapped, builder, val_rows, v.batch_size, v.max_new_tokens, guard,
-                               accelerator, loss_fn)
+                val = validate_now()
                 record.update(val_loss=val.loss, val_cer=val.cer)
-                if best["cer"] is None or val.cer < best["cer"]:
-                    best = {"cer": val.cer, "step": step, "stale": 0}
+                if state.best["cer"] is None or val.cer < state.best["cer"]:
+                    state.best = {"cer": val.cer, "step": step, "stale": 0}
                     if main:
-                        _save_weights(unwrapped, output_dir / "best", full, processor, family,
-                                      {**meta, "steps": step, "validation": {"split": v.split, "samples": val.samples,
-                                                                             "cer": val.cer, "loss": val.loss}})
+                        save_best({**meta, "steps": step, "validation": {"split": v.split, "samples": val.samples,
+                                                                         "cer": val.cer, "loss": val.loss}})
                 else:
-                    best["stale"] += 1
+                    state.best["stale"] += 1
                 say(f"step {step}: validation loss {val.loss:.4f}, CER {val.cer:.2%} "
-                    f"(best {best['cer']:.2%} at step {best['step']})")
+                    f"(best {state.best['cer']:.2%} at step {state.best['step']})")
             if main and (step % t.log_every == 0 or step == t.max_steps or "val_cer" in record):
                 metrics_fh.write(json.dumps(record) + "\n")
                 metrics_fh.flush()
-            if cfg.report_to:
+            if report:
                 accelerator.log({k: x for k, x in record.items() if k not in ("step", "sample_ids")}, step=step)
             saved_now = bool(t.save_steps and step % t.save_steps == 0 and step < t.max_steps)
             if saved_now:
-                checkpoint(step)
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                checkpoint(step, state.best)
+            bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             # Every process must agree to stop at the same step (a signal reaches them apart).
             term = sigterm.received
             if accelerator.num_processes > 1:
                 term = bool(accelerator.gather(torch.tensor([int(term)], device=accelerator.device)).max())
             if term and step < t.max_steps:
-                path = ckpt_root / f"step-{step:06d}" if saved_now else checkpoint(step)
+                path = ckpt_root / f"step-{step:06d}" if saved_now else checkpoint(step, state.best)
                 raise StopRequested(f"SIGTERM at step {step}: checkpoint {path} written; continue with "
                                     "train.resume_from=latest")
-            if v.early_stopping_patience and best["stale"] >= v.early_stopping_patience:
-                stopped = "early_stopping"
-                say(f"early stopping at step {step}: no better validation CER in {best['stale']} validations")
+            if v.early_stopping_patience and state.best["stale"] >= v.early_stopping_patience:
+                state.stopped = "early_stopping"
+                say(f"early stopping at step {step}: no better validation CER in {state.best['stale']} validations")
                 break
+    return state
 
-    # --- save: adapter (or whole model) into a staging dir, then renamed into place ---------
-    accelerator.wait_for_everyone()
-    # Sharded topologies gather the full weights (a collective: every process calls it).
-    gathered = accelerator.get_state_dict(model) if sharded else None
-    saved_dir = output_dir / ("model" if full else "adapter")
-    summary = {
-        "base_model": resolved.name,
-        "family": family.MODEL_TYPE,
-        "steps": step,
+
+def _checkpoint(root: Path, model, optimizer, accelerator, identity: dict, grad_accum: int, keep: int, step: int,
+                best: dict) -> Path:
+    """OUTPUT_DIR/checkpoints/step-NNNNNN (every process calls this)."""
+    from finetune.checkpoint import CheckpointError, save_checkpoint
+
+    try:
+        return save_checkpoint(root, step, model, optimizer,
+                               {"step": step, "micro_batches": step * grad_accum, "best": best,
+                                "processes": accelerator.num_processes, "run": identity},
+                               accelerator, keep)
+    except CheckpointError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def _summary(state: TrainState, t: TrainSettings, processes: int, meta: dict, output_dir: Path, train_samples: int,
+             dropped: int, checkpointing: bool, feature_cache, ledger) -> dict:
+    """train_summary.json."""
+    return {
+        "base_model": meta["base_model"],
+        "family": meta["family"],
+        "steps": state.step,
         "max_steps": t.max_steps,
-        "stopped": stopped,
-        "final_loss": last_loss,
-        "best_validation": {"cer": best["cer"], "step": best["step"], "dir": str(output_dir / "best")}
-        if best["cer"] is not None else None,
-        "train_samples": len(keep),
+        "stopped": state.stopped,
+        "final_loss": state.last_loss,
+        "best_validation": {"cer": state.best["cer"], "step": state.best["step"], "dir": str(output_dir / "best")}
+        if state.best["cer"] is not None else None,
+        "train_samples": train_samples,
         "dropped_too_long": dropped,
-        "processes": accelerator.num_processes,
-        "effective_batch": t.batch_size * t.grad_accum * accelerator.num_processes,
+        "processes": processes,
+        "effective_batch": t.batch_size * t.grad_accum * processes,
         "gradient_checkpointing": checkpointing,
         "loss_chunk_tokens": t.loss_chunk_tokens,
         "vision_feature_cache": feature_cache.summary() if feature_cache is not None else None,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": time.perf_counter() - state.started,
         "ledger": ledger,
         "versions": library_versions(),
     }
-    if main:
-        _save_weights(unwrapped, saved_dir, full, processor, family, {**meta, "steps": step},
-                      gathered)
+
+
+def _finish(accelerator, unwrapped, gathered, summary: dict, output_dir: Path, full: bool, processor, family,
+            meta: dict, steps: int, report: bool) -> Path:
+    """The final adapter (or model) and train_summary.json (main process), the trackers closed;
+    returns the weights' folder."""
+    from data_prep.atomic import write_text_atomic
+
+    saved_dir = output_dir / ("model" if full else "adapter")
+    if accelerator.is_main_process:
+        _save_weights(unwrapped, saved_dir, full, processor, family, {**meta, "steps": steps}, gathered)
         write_text_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-        say(f"{'model' if full else 'adapter'} written to {saved_dir}")
-    if cfg.report_to:
+        accelerator.print(f"{'model' if full else 'adapter'} written to {saved_dir}")
+    if report:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return TrainResult(output_dir, saved_dir, summary, unwrapped)
+    return saved_dir
 
 
 def _save_weights(unwrapped, target: Path, full: bool, processor, family, meta: dict, state_dict=None) -> None:
