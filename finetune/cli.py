@@ -145,6 +145,18 @@ def _serve(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from finetune.export import export_adapter, export_merged
+
+    if args.merge:
+        done = export_merged(args.adapter_dir, args.output, args.model, args.dtype, args.overwrite)
+        print(f"merged {args.adapter_dir} into {done['base_model']} ({done['family']}): full checkpoint in {args.output}")
+    else:
+        done = export_adapter(args.adapter_dir, args.output, args.model, args.overwrite)
+        print(f"vLLM adapter ({done['family']}, {done['tensors']} tensors on {done['modules']} modules) in {args.output}")
+    return 0
+
+
 def _push(args) -> int:
     from finetune.hub import stage, upload, write_dry_run
 
@@ -212,6 +224,17 @@ a text part with the instruction, an image_url part with a base64 data URL or a 
 /v1/models. Same decoding as eval (greedy, repetition guard); requests arriving together are
 batched; malformed requests get a 4xx JSON error. Binds loopback by default: there is no
 authentication."""
+
+
+EXPORT_HELP = """\
+Without --merge: the LoRA adapter as vLLM loads it (tensors under the published checkpoint's
+module names, target modules listed by full name, no modules_to_save), for
+`vllm serve --enable-lora --lora-modules NAME=DIR`. Refused, naming the tensors, when vLLM would
+reject or silently skip part of it: a trained projector (modules_to_save), vision LoRA, DoRA,
+fused routed-expert parameters.
+With --merge: base + adapter (projector and vision LoRA included) as one full checkpoint in the
+family's published layout (v1: the official deepseek_vl_v2 files), for --model DIR, vLLM or the
+checkpoint's own loader. Written to a staging folder, then renamed into place."""
 
 
 PUSH_HELP = """\
@@ -348,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default="auto")
     _add_guard_flags(sv)
     sv.set_defaults(func=_serve)
+
+    x = sub.add_parser("export", help="the adapter as vLLM loads it, or merged into a full checkpoint (--merge)",
+                       description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("adapter_dir", type=Path)
+    x.add_argument("--output", required=True, type=Path)
+    x.add_argument("--merge", action="store_true", help="write base + adapter as one full checkpoint")
+    x.add_argument("--model", help="base model (default: the one the adapter records)")
+    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights of the merged checkpoint")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    x.set_defaults(func=_export)
 
     p = sub.add_parser("push", help="publish an adapter and its model card to the Hugging Face Hub",
                        description=PUSH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,11 +40,53 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def model_card(repo_id: str, base_model: str, meta: dict, report: dict | None) -> str:
+def _usage(family: str, base_model: str, repo_id: str) -> list[str]:
+    """How to run the adapter, right for its family: v1 has no transformers class (ocrtune or
+    vLLM load it); OCR-2 loads through transformers + PEFT."""
+    if family == "deepseek_ocr":
+        return [
+            "DeepSeek-OCR (v1) has no class in transformers; load the adapter with ocrtune or serve it with vLLM:",
+            "",
+            "```bash",
+            f"ocrtune predict --model {base_model} --adapter ADAPTER_DIR --input page.png --output out/",
+            "ocrtune export ADAPTER_DIR --output vllm-adapter   # the layout vLLM loads",
+            f"vllm serve {base_model} --enable-lora --lora-modules adapted=vllm-adapter",
+            "```",
+            "",
+            f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)",
+        ]
+    return [
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoProcessor, DeepseekOcr2ForConditionalGeneration",
+        "",
+        f'base = DeepseekOcr2ForConditionalGeneration.from_pretrained("{base_model}")',
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+        f'processor = AutoProcessor.from_pretrained("{base_model}")',
+        "```",
+    ]
+
+
+def _model_index(repo_id: str, report: dict) -> list[str]:
+    """The Hub's structured results: CER of each system on the test split (lower is better)."""
+    name = Path(str(report.get("data", "dataset"))).name or "dataset"
+    lines = ["model-index:", f"- name: {repo_id.split('/')[-1]}", "  results:"]
+    for system, m in report["systems"].items():
+        lines += ["  - task: {type: image-to-text, name: OCR}",
+                  f"    dataset: {{type: {json.dumps(name)}, name: {json.dumps(name)}, split: {json.dumps(str(report.get('split')))}}}",
+                  f"    metrics: [{{type: cer, name: CER ({system}), value: {round(100 * m['cer'], 2)}}}]"]
+    return lines
+
+
+def model_card(repo_id: str, base_model: str, meta: dict, report: dict | None,
+               vllm_problems: list[str] | None = None) -> str:
+    family = meta.get("family", "deepseek_ocr2")
     front = ["---", "library_name: peft", "pipeline_tag: image-text-to-text",
              "tags: [ocrtune, ocr, lora, deepseek-ocr]"]
     if _HUB_ID.match(base_model):
         front.append(f"base_model: {base_model}")
+    if report and report.get("systems"):
+        front += _model_index(repo_id, report)
     front.append("---")
     lines = front + [
         "",
@@ -52,7 +94,7 @@ def model_card(repo_id: str, base_model: str, meta: dict, report: dict | None) -
         "",
         f"A LoRA adapter for [`{base_model}`]"
         + (f"(https://huggingface.co/{base_model})" if _HUB_ID.match(base_model) else "")
-        + " trained with [ocrtune](https://pypi.org/project/ocrtune/) on the decoder only.",
+        + " trained with [ocrtune](https://pypi.org/project/ocrtune/).",
         "",
     ]
     if report and report.get("systems"):
@@ -65,29 +107,26 @@ def model_card(repo_id: str, base_model: str, meta: dict, report: dict | None) -
         if "comparison" in report:
             c = report["comparison"]
             lo, hi = c["cer_delta_ci95"]
+            unit = c.get("unit", "pages")
             lines += ["", f"Change (adapted - base): {100 * c['cer_delta']:+.2f} points, 95% CI "
-                          f"[{100 * lo:+.2f}, {100 * hi:+.2f}], paired bootstrap over pages ({c['resamples']} resamples)."]
+                          f"[{100 * lo:+.2f}, {100 * hi:+.2f}], paired bootstrap over {c.get('units', '')} {unit} "
+                          f"({c['resamples']} resamples)".replace("  ", " ") + "."]
         d = report.get("decoding", {})
-        lines += ["", f"Evaluated on `{report.get('data')}` split `{report.get('split')}` with the same prompt "
+        dataset = Path(str(report.get("data", ""))).name  # the folder's name: a local path means nothing here
+        lines += ["", f"Evaluated on the `{report.get('split')}` split of `{dataset}` with the same prompt "
                       f"(`{report.get('prompt')!r}`), greedy decoding and max_new_tokens {d.get('max_new_tokens')} "
                       "for both systems. Full numbers: `ocrtune_eval.json`.", ""]
     else:
         lines += ["No evaluation report was found next to this adapter, so no CER is claimed.", ""]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoProcessor, DeepseekOcr2ForConditionalGeneration",
-        "",
-        f'base = DeepseekOcr2ForConditionalGeneration.from_pretrained("{base_model}")',
-        f'model = PeftModel.from_pretrained(base, "{repo_id}")',
-        f'processor = AutoProcessor.from_pretrained("{base_model}")',
-        "```",
-        "",
-        f"Prompt used in training: `{meta.get('prompt', '')!r}`. LoRA: {json.dumps(meta.get('lora', {}))}.",
-        "",
-    ]
+    lines += ["## Use", ""] + _usage(family, base_model, repo_id) + [""]
+    if vllm_problems is not None:
+        lines += ["## Serving with vLLM", ""]
+        if vllm_problems:
+            lines += ["Not loadable as a vLLM LoRA adapter: " + "; ".join(vllm_problems) + ". Merge it into the base "
+                      "for vLLM: `ocrtune export ADAPTER_DIR --merge --output DIR`, then `vllm serve DIR`.", ""]
+        else:
+            lines += ["vLLM-ready: `ocrtune export` found nothing vLLM would refuse or skip.", ""]
+    lines += [f"Prompt used in training: `{meta.get('prompt', '')!r}`. LoRA: {json.dumps(meta.get('lora', {}))}.", ""]
     return "\n".join(lines)
 
 
@@ -122,7 +161,19 @@ def stage(adapter_dir: Path, repo_id: str, base_model_id: str | None = None, rep
     report = json.loads(report_path.read_text()) if report_path else None
     if report is not None:
         files[REPORT_NAME] = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
-    files["README.md"] = model_card(repo_id, base, meta, report).encode()
+    from safetensors import safe_open
+
+    from finetune.export import vllm_problems
+
+    problems = None
+    if meta.get("family") == "deepseek_ocr":  # vLLM serving is checked for v1 adapters (README: vLLM)
+        from finetune.models.registry import family_named
+
+        family = family_named(meta["family"])
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            keys = [family.adapter_key_to_disk(family.adapter_key_from_disk(k)) for k in f.keys()]
+        problems = vllm_problems(adapter_config, keys)
+    files["README.md"] = model_card(repo_id, base, meta, report, problems).encode()
     return files
 
 

@@ -118,3 +118,26 @@ def test_bad_mode_and_broken_checkpoint_are_clear_errors(tmp_path, loop):
     ev = run_cli("eval", "--model", str(broken), "--data", str(loop["work"] / "data"), "--output", str(tmp_path / "ev"))
     assert ev.returncode == 2 and "Traceback" not in ev.stderr
     assert "1 missing (model.sam_model.net_2.weight)" in ev.stderr
+
+
+def test_export_for_vllm_and_merged_checkpoint_reproduce_the_adapter(tmp_path, loop):
+    """`ocrtune export` (the vLLM layout) and `export --merge` (one full checkpoint), through the
+    CLI: evaluating either gives the trained adapter's predictions."""
+    work = loop["work"]
+    _ok(loop["eval1"])
+    _ok(run_cli("export", str(work / "run/adapter"), "--output", str(tmp_path / "vllm")))
+    _ok(run_cli("export", str(work / "run/adapter"), "--merge", "--output", str(tmp_path / "merged")))
+    assert tree(tmp_path / "vllm") == ["adapter_config.json", "adapter_model.safetensors", "ocrtune_adapter.json"]
+    again = run_cli("export", str(work / "run/adapter"), "--output", str(tmp_path / "vllm"))
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    _ok(run_cli("eval", "--model", TINY_V1, "--adapter", str(tmp_path / "vllm"), "--data", str(work / "data"),
+                "--output", str(tmp_path / "eval-vllm"), "--max-new-tokens", "16", "--no-progress"))
+    _ok(run_cli("eval", "--model", str(tmp_path / "merged"), "--data", str(work / "data"),
+                "--output", str(tmp_path / "eval-merged"), "--max-new-tokens", "16", "--no-progress"))
+
+    def predictions(folder, system):
+        return [json.loads(x)["predictions"][system] for x in (folder / "predictions.jsonl").read_text().splitlines()]
+
+    trained = predictions(work / "run/eval", "adapted")
+    assert predictions(tmp_path / "eval-vllm", "adapted") == trained
+    assert predictions(tmp_path / "eval-merged", "base") == trained

@@ -118,3 +118,42 @@ def test_push_cli_bad_report_exits_2_and_writes_nothing(tmp_path):
                 "--dry-run", str(tmp_path / "preview"))
     assert p.returncode == 2 and "--report" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "preview").exists()
+
+
+def _report(data="/home/me/private/receipts-ds"):
+    return {"data": data, "split": "test", "prompt": "<image>\nFree OCR.", "decoding": {"max_new_tokens": 64},
+            "systems": {"base": {"cer": 0.5, "cer_raw": 0.55, "mean_sample_cer": 0.6, "n": 40},
+                        "adapted": {"cer": 0.25, "cer_raw": 0.3, "mean_sample_cer": 0.31, "n": 40}},
+            "comparison": {"cer_delta": -0.25, "cer_delta_ci95": [-0.3, -0.2], "resamples": 1000, "unit": "groups",
+                           "units": 7, "p_delta_ge_0": 0.0}}
+
+
+def test_card_has_model_index_family_usage_bootstrap_unit_and_no_local_path(tmp_path):
+    import yaml
+
+    from finetune.hub import model_card
+
+    card = model_card("me/receipts", "deepseek-ai/DeepSeek-OCR", {"family": "deepseek_ocr", "prompt": "p"}, _report(), [])
+    front = yaml.safe_load(card.split("---")[1])
+    results = front["model-index"][0]["results"]
+    assert [(r["dataset"]["name"], r["dataset"]["split"], r["metrics"][0]["type"], r["metrics"][0]["value"])
+            for r in results] == [("receipts-ds", "test", "cer", 50.0), ("receipts-ds", "test", "cer", 25.0)]
+    assert "/home/me" not in card and "`receipts-ds`" in card
+    assert "paired bootstrap over 7 groups (1000 resamples)" in card
+    # v1 has no transformers class: the card must not tell users to load it as OCR-2
+    assert "DeepseekOcr2ForConditionalGeneration" not in card and "vllm serve deepseek-ai/DeepSeek-OCR" in card
+    assert "vLLM-ready" in card
+    refused = model_card("me/r", "deepseek-ai/DeepSeek-OCR", {"family": "deepseek_ocr"}, None, ["modules_to_save x"])
+    assert "Not loadable as a vLLM LoRA adapter: modules_to_save x" in refused and "--merge" in refused
+    ocr2 = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, None)
+    assert "DeepseekOcr2ForConditionalGeneration.from_pretrained" in ocr2 and "vLLM" not in ocr2
+
+
+def test_push_checks_a_v1_adapter_for_vllm(tmp_path):
+    folder = make_adapter(tmp_path / "a", base="builtin:tiny-random-deepseek-ocr")
+    meta = json.loads((folder / "ocrtune_adapter.json").read_text())
+    (folder / "ocrtune_adapter.json").write_text(json.dumps(dict(meta, family="deepseek_ocr")))
+    assert "vLLM-ready" in stage(folder, "me/x")["README.md"].decode()
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(dict(cfg, modules_to_save=["model.projector.layers"])))
+    assert "Not loadable as a vLLM LoRA adapter: modules_to_save" in stage(folder, "me/x")["README.md"].decode()
