@@ -89,7 +89,7 @@ def _eval(args) -> int:
                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                   limit=args.limit, dtype=args.dtype, bootstrap_resamples=args.bootstrap_resamples,
                   progress=not args.no_progress, no_repeat_ngram=args.no_repeat_ngram,
-                  no_repeat_window=args.no_repeat_window, restart=args.restart)
+                  no_repeat_window=args.no_repeat_window, restart=args.restart, engine=args.engine)
     if args.modes:
         if args.endpoint:  # an endpoint's resolution is its server's, not a mode we can set
             raise InputError("--modes sweeps the local model's resolution; evaluate --endpoint without --modes")
@@ -117,7 +117,8 @@ def _predict(args) -> int:
 
     summary = predict(args.model, args.input, args.output, adapter=args.adapter, prompt=args.prompt,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dpi=args.dpi,
-                      keep_grounding=not args.strip_grounding, dtype=args.dtype, no_repeat_ngram=args.no_repeat_ngram,
+                      keep_grounding=not args.strip_grounding, dtype=args.dtype, engine=args.engine,
+                      no_repeat_ngram=args.no_repeat_ngram,
                       no_repeat_window=args.no_repeat_window, progress=not args.no_progress)
     print(f"wrote {summary['files']} Markdown files ({summary['pages']} pages) to {args.output}; "
           f"{len(summary['hit_max_tokens'])} pages hit the token cap, {len(summary['failed'])} inputs failed")
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--restart", action="store_true", help="discard an interrupted eval in --output instead of resuming it")
     e.add_argument("--modes", help="comma-separated resolution modes to sweep (DeepSeek-OCR-2: base,gundam): one eval "
                                    "per mode in OUTPUT/mode-NAME/, vision tokens vs CER in OUTPUT/modes.md")
+    e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="decode with ocrtune's transformers path or with vLLM (installed next to ocrtune; v1, gundam)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 
@@ -351,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--strip-grounding", action="store_true", help="drop <|det|> boxes and <|ref|> tags, keep the text")
     pr.add_argument("--dtype", default="auto")
     _add_guard_flags(pr)
+    pr.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="decode with ocrtune's transformers path or with vLLM (installed next to ocrtune; v1, gundam)")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_predict)
 

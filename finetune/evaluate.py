@@ -118,6 +118,7 @@ def evaluate(
     endpoint_key_env: str = "OPENAI_API_KEY",
     endpoint_concurrency: int = 4,
     mode: str | None = None,
+    engine: str = "transformers",
 ) -> dict:
     """`endpoints`: (base URL, model name) pairs of OpenAI-compatible servers evaluated as
     systems `endpoint:NAME` on the same pages with the same prompt and max tokens."""
@@ -153,12 +154,27 @@ def evaluate(
     # and writes. Alone, this is one process on cuda:0 or the CPU.
     dist = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes form a gloo group
     progress = progress and dist.is_main_process
-    inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window,
-                             device=dist.device, dataset_info=read_dataset_info(data))
+    vllm = None
+    if engine == "vllm":
+        from finetune.runtime import load_for_engine
+        from finetune.vllm_engine import VllmEngine, check_supported
+
+        if dist.num_processes > 1:
+            raise EvalError("--engine vllm runs as one process (vLLM spreads a model over GPUs itself); "
+                            "launch it without accelerate/torchrun")
+        inf, resolved = load_for_engine(model_name, adapter, prompt, no_repeat_ngram, no_repeat_window,
+                                        dataset_info=read_dataset_info(data))
+    else:
+        inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window,
+                                 device=dist.device, dataset_info=read_dataset_info(data))
     model, prompt, vision, guard = inf.model, inf.prompt, inf.vision, inf.guard
     if mode is not None:  # a resolution mode overrides the adapter's vision settings
         vision = inf.family.vision_settings(inf.processor, mode)  # VisionModeError names the modes
-    builder = builder_for(inf.family, inf.processor, model.config, prompt, vision)
+    builder = builder_for(inf.family, inf.processor, model.config if model is not None else None, prompt, vision)
+    if engine == "vllm":
+        check_supported(inf.family.MODEL_TYPE, vision.as_dict())
+        # The longest gundam prompt (6 tiles, 933 placeholder ids) and the prompt text fit in 1,024.
+        vllm = VllmEngine(resolved.path, adapter, guard, max_model_len=1024 + max_new_tokens, dtype=dtype)
     systems = ["base"] + (["adapted"] if adapter is not None else [])
     endpoint_of = {f"endpoint:{name}": (url, name) for url, name in endpoints}
     systems += list(endpoint_of)
@@ -169,7 +185,8 @@ def evaluate(
     expected = [builder.count_target_tokens(r) for r in references]
     state = {"model": inf.name, "adapter": str(adapter) if adapter is not None else None, "data": str(data),
              "split": split, "pages": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "prompt": prompt, "max_new_tokens": max_new_tokens,
-             "repetition_guard": guard.describe(), "vision": vision.as_dict(), "endpoints": sorted(endpoint_of)}
+             "repetition_guard": guard.describe(), "vision": vision.as_dict(), "endpoints": sorted(endpoint_of),
+             **({"engine": engine} if engine != "transformers" else {})}
     if restart and dist.is_main_process:
         for file in _journals(output):
             file.unlink()
@@ -199,6 +216,11 @@ def evaluate(
                                    endpoint_concurrency, on_batch=lambda done, record=record: record(
                                        [(j, Generation(*a)) for j, a in done]), progress=bar)
             new = [Generation(*a) for a in answers]
+        elif todo and vllm is not None:
+            new = vllm.generate(_Subset(pages, todo), builder.prompt_ids(1), builder.tokenizer, builder.eos_id,
+                                max_new_tokens, adapted=system == "adapted")
+            record(list(enumerate(new)))
+            bar.update(len(new))
         elif todo and system == "base" and adapter is not None:
             with model.disable_adapter():
                 new = generate_pages(*args)
@@ -229,6 +251,7 @@ def evaluate(
         "mode": mode,
         "vision_tokens_per_page": sum(inf.family.encode_image(inf.processor, pages[i][1], vision)[1]
                                       for i in range(len(ids))) / len(ids),
+        "engine": engine,
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "repetition_guard": guard.describe(), "sorted_by": "reference token count"},
         "processes": dist.num_processes,

@@ -75,7 +75,7 @@ def _pages(file: Path, dpi: int, max_pixels: int):
 def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapter: str | Path | None = None,
             prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = 2048, dpi: int = 144,
             keep_grounding: bool = True, dtype: str = "auto", no_repeat_ngram: int = NO_REPEAT_NGRAM, no_repeat_window: int = NO_REPEAT_WINDOW,
-            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> dict:
+            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, engine: str = "transformers") -> dict:
     from tqdm.auto import tqdm
 
     from data_prep.atomic import write_text_atomic
@@ -88,9 +88,19 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
         raise MissingPathError(f"--input {' '.join(map(str, inputs))}: no images or PDFs found")
     from finetune.sequence import builder_for
 
-    inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window)
-    builder = builder_for(inf.family, inf.processor, inf.model.config, inf.prompt, inf.vision)
-    summary = {"model": inf.name, "adapter": str(adapter) if adapter else None, "prompt": inf.prompt,
+    vllm = None
+    if engine == "vllm":  # the same prompt ids, guard and decoding, through vLLM (finetune/vllm_engine.py)
+        from finetune.runtime import load_for_engine
+        from finetune.vllm_engine import VllmEngine, check_supported
+
+        inf, resolved = load_for_engine(model_name, adapter, prompt, no_repeat_ngram, no_repeat_window)
+        check_supported(inf.family.MODEL_TYPE, inf.vision.as_dict())
+        vllm = VllmEngine(resolved.path, adapter, inf.guard, max_model_len=1024 + max_new_tokens, dtype=dtype)
+    else:
+        inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window)
+    builder = builder_for(inf.family, inf.processor, inf.model.config if inf.model is not None else None, inf.prompt,
+                          inf.vision)
+    summary = {"model": inf.name, "adapter": str(adapter) if adapter else None, "engine": engine, "prompt": inf.prompt,
                "max_new_tokens": max_new_tokens, "repetition_guard": inf.guard.describe(), "dpi": dpi,
                "grounding": "kept" if keep_grounding else "stripped", "files": 0, "pages": 0,
                "hit_max_tokens": [], "failed": []}
@@ -103,7 +113,11 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
         texts = []
         for start in range(0, len(pages), batch_size):  # a long PDF never holds more than a batch in the model
             chunk = pages[start:start + batch_size]
-            gens = generate_pages(inf.model, builder, chunk, batch_size, max_new_tokens, guard=inf.guard)
+            if vllm is not None:
+                gens = vllm.generate(chunk, builder.prompt_ids(1), builder.tokenizer, builder.eos_id, max_new_tokens,
+                                     adapted=adapter is not None)
+            else:
+                gens = generate_pages(inf.model, builder, chunk, batch_size, max_new_tokens, guard=inf.guard)
             for (pid, _), g in zip(chunk, gens):
                 texts.append(g.text if keep_grounding else strip_grounding(g.text))
                 if g.hit_max_tokens:

@@ -50,6 +50,34 @@ class Inference:
     prompt: str
 
 
+def load_for_engine(model_name: str, adapter: str | Path | None, prompt: str | None, no_repeat_ngram: int,
+                    no_repeat_window: int, dataset_info: dict | None = None):
+    """What an external engine (vLLM) decodes with, without loading the weights here: the
+    resolved checkpoint, its processor, the adapter's recorded vision settings and prompt, the
+    repetition guard. Returns (Inference with model=None, resolved checkpoint)."""
+    from finetune.decoding import RepetitionGuard, table_tag_ids
+    from finetune.models import resolve_model
+
+    meta = _adapter_meta(adapter)
+    resolved = resolve_model(model_name)
+    processor = resolved.family.load_processor(resolved.path)
+    saved = meta.get("vision", {})
+    vision = resolved.family.vision_settings(processor, saved.get("mode"), saved.get("crop_to_patches"),
+                                             saved.get("min_tiles"), saved.get("max_tiles"))
+    guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
+    return Inference(resolved.name, None, processor, resolved.family, vision, guard,
+                     choose_prompt(prompt, meta, dataset_info or {})), resolved
+
+
+def _adapter_meta(adapter) -> dict:
+    if adapter is None:
+        return {}
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
+    return read_adapter_meta(adapter)
+
+
 def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str | None, dtype: str,
                        no_repeat_ngram: int, no_repeat_window: int, device=None,
                        dataset_info: dict | None = None) -> Inference:
@@ -60,12 +88,7 @@ def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str 
     from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.models import load_model
 
-    meta = {}
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise InputError(f"--adapter {adapter}: no adapter_config.json (expected a directory written by ocrtune train)")
-        meta = read_adapter_meta(adapter)
+    meta = _adapter_meta(adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"
     resolved, model, processor = load_model(model_name, dtype=resolve_dtype(dtype, on_gpu), device=device)

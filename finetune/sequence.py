@@ -97,9 +97,13 @@ class SequenceBuilder:
 
 def builder_for(family, processor, model_config, prompt: str, vision) -> SequenceBuilder:
     """The builder for a loaded model: one place that wires a family into the sequence layout."""
+    # Without a loaded model (an external engine holds the weights) the tokenizer says the id;
+    # loading checks that the two agree.
+    image_token_id = (family.image_token_id(model_config) if model_config is not None
+                      else processor.tokenizer.convert_tokens_to_ids(processor.image_token))
     return SequenceBuilder(
         tokenizer=processor.tokenizer,
-        image_token_id=family.image_token_id(model_config),
+        image_token_id=image_token_id,
         prompt=prompt,
         encode_image=lambda image: family.encode_image(processor, image, vision),
         collate_pixels=family.collate_pixels,

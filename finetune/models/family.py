@@ -67,6 +67,11 @@ class ModelFamily(ABC):
         """(model, processor) from a checkpoint folder; the processor has `.tokenizer`."""
 
     @abstractmethod
+    def load_processor(self, path: str | Path):
+        """The processor alone (tokenizer + image settings), no weights: for engines that load
+        the weights themselves (vLLM)."""
+
+    @abstractmethod
     def vision_settings(self, processor, mode: str | None = None, crop_to_patches: bool | None = None,
                         min_tiles: int | None = None, max_tiles: int | None = None):
         """The config's vision section (or an adapter's recorded one) -> the settings

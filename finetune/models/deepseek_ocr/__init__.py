@@ -116,6 +116,9 @@ class DeepseekOcr(ModelFamily):
                                                    pad_token_id=tok.pad_token_id)
         return model, processor
 
+    def load_processor(self, path) -> DeepseekOcrProcessor:
+        return DeepseekOcrProcessor.from_pretrained(Path(path))
+
     def vision_settings(self, processor: DeepseekOcrProcessor, mode=None, crop_to_patches=None, min_tiles=None,
                         max_tiles=None) -> VisionSettings:
         mode = mode or processor.default_mode

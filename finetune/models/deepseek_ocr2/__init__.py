@@ -70,6 +70,11 @@ class DeepseekOcr2(ModelFamily):
             )
         return model, processor
 
+    def load_processor(self, path):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(path))
+
     def vision_settings(self, processor, mode=None, crop_to_patches=None, min_tiles=None,
                         max_tiles=None) -> VisionSettings:
         if mode is not None and mode not in self.MODES:

