@@ -57,6 +57,9 @@ def build_tokenizer(vocab_size: int = 512):
         bos_token=SPECIAL_TOKENS[0],
         eos_token=SPECIAL_TOKENS[1],
         pad_token=SPECIAL_TOKENS[2],
+        # BOS on text encoded with special tokens, as the published tokenizer does: vLLM builds a
+        # text prompt that way (ocrtune's sequence builder adds BOS itself and is unaffected).
+        add_bos_token=True,
         extra_special_tokens={"image_token": "<image>"},
     )
 
