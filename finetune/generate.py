@@ -65,9 +65,8 @@ def generate_pages(model, builder, pages, batch_size: int, max_new_tokens: int, 
             if builder.eos_id in ids:
                 ids = ids[: ids.index(builder.eos_id)]
                 hit = False
-            else:
-                ids = [t for t in ids if t != builder.pad_id]
-                hit = True
+            else:  # no EOS: the row ran to the cap, so nothing after it is padding (a generated
+                hit = True  # pad id is the model's own output and is kept, as vLLM keeps it)
             results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids),
                                     int(batch["attention_mask"][row].sum()))
         if on_batch is not None:
@@ -114,6 +113,6 @@ def stream_page(model, builder, page, max_new_tokens: int, guard=None):
     thread.join()
     ids = result["out"][0, batch["input_ids"].shape[1]:].tolist()
     hit = builder.eos_id not in ids
-    ids = ids[: ids.index(builder.eos_id)] if not hit else [t for t in ids if t != builder.pad_id]
+    ids = ids[: ids.index(builder.eos_id)] if not hit else ids  # one row: no padding to remove
     yield Generation(builder.tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit, tuple(ids),
                      int(batch["attention_mask"][0].sum()))
