@@ -234,8 +234,9 @@ module names, target modules listed by full name, no modules_to_save), for
 reject or silently skip part of it: a trained projector (modules_to_save), vision LoRA, DoRA,
 fused routed-expert parameters.
 With --merge: base + adapter (projector and vision LoRA included) as one full checkpoint in the
-family's published layout (v1: the official deepseek_vl_v2 files), for --model DIR, vLLM or the
-checkpoint's own loader. Written to a staging folder, then renamed into place."""
+family's published layout (v1: the official deepseek_vl_v2 files), the base's tokenizer,
+processor and code files copied unchanged, for --model DIR or vLLM. Written to a staging
+folder, then renamed into place."""
 
 
 PUSH_HELP = """\

@@ -10,9 +10,9 @@ vLLM would reject or silently ignore (a trained projector, vision LoRA, DoRA, fu
 parameters), naming the tensors, and points to --merge.
 
 With --merge: base + adapter merged into one full checkpoint in the family's published layout
-(v1: the official deepseek_vl_v2 config.json and safetensors, tokenizer and processor files),
-which `--model DIR`, vLLM and the checkpoint's own loader read. Nothing is half-written: the
-output is built in a staging folder and renamed into place.
+(v1: the official deepseek_vl_v2 config.json and safetensors), with the base's other files
+(tokenizer, processor, code) copied unchanged; `--model DIR` and vLLM read it. Nothing is
+half-written: the output is built in a staging folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -122,15 +122,25 @@ def export_merged(adapter_dir: Path, output: Path, model: str | None = None, dty
     name = model or meta.get("base_model")
     if not name:
         raise InputError(f"{adapter_dir}: no {ADAPTER_META} names the base model: pass --model")
-    resolved, base, processor = load_model(name, dtype=resolve_dtype(dtype, on_gpu=False), device="cpu")
+    resolved, base, _ = load_model(name, dtype=resolve_dtype(dtype, on_gpu=False), device="cpu")
     merged = load_adapter(base, adapter_dir, "default", resolved.family).merge_and_unload()
 
     def write(staging: Path) -> None:
-        merged.save_pretrained(str(staging))
-        processor.save_pretrained(str(staging))
+        merged.save_pretrained(str(staging))  # config.json + weights in the family's published layout
+        # Everything else as the base has it, byte for byte: tokenizer and processor files
+        # re-saved through another transformers release can lose settings (whether the
+        # tokenizer adds BOS), and a published checkpoint's own code files let its loader
+        # read the merged weights, which keep its key names.
+        for file in sorted(Path(resolved.path).iterdir()):
+            if file.is_file() and not file.name.startswith(".") and not _is_weights_or_config(file.name):
+                shutil.copyfile(file, staging / file.name)
 
     _write_atomically(output, overwrite, write)
     return {"family": resolved.family.MODEL_TYPE, "base_model": resolved.name}
+
+
+def _is_weights_or_config(name: str) -> bool:
+    return name == "config.json" or name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 def _write_atomically(output: Path, overwrite: bool, write) -> None:

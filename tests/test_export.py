@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from finetune.compat import get_peft_model
 from finetune.export import ExportError, export_adapter, export_merged
 from finetune.lora import load_adapter, lora_config, resolve_targets, save_adapter
-from finetune.models import load_model
+from finetune.models import load_model, resolve_model
 from finetune.models.deepseek_ocr import DeepseekOcr
 from finetune.runtime import ADAPTER_META
 from finetune.sequence import builder_for
@@ -76,6 +76,9 @@ def test_projector_adapter_is_refused_and_merge_is_the_way(base, tmp_path):
     assert done == {"family": "deepseek_ocr", "base_model": BASE}
     files = sorted(p.name for p in (tmp_path / "merged").iterdir())
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(files)
+    base_dir = resolve_model(BASE).path
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):  # the base's, unchanged
+        assert (tmp_path / "merged" / name).read_bytes() == (base_dir / name).read_bytes()
     raw = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert raw["model_type"] == "deepseek_vl_v2" and raw["tile_tag"] == "2D"
     assert "model.projector.layers.weight" in load_file(tmp_path / "merged" / "model.safetensors")
