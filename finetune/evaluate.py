@@ -157,7 +157,7 @@ def evaluate(
     vllm = None
     if engine == "vllm":
         from finetune.runtime import load_for_engine
-        from finetune.vllm_engine import VllmEngine, check_supported
+        from finetune.vllm_engine import VllmEngine
 
         if dist.num_processes > 1:
             raise EvalError("--engine vllm runs as one process (vLLM spreads a model over GPUs itself); "
@@ -172,9 +172,7 @@ def evaluate(
         vision = inf.family.vision_settings(inf.processor, mode)  # VisionModeError names the modes
     builder = builder_for(inf.family, inf.processor, model.config if model is not None else None, prompt, vision)
     if engine == "vllm":
-        check_supported(inf.family.MODEL_TYPE, vision.as_dict())
-        # The longest gundam prompt (6 tiles, 933 placeholder ids) and the prompt text fit in 1,024.
-        vllm = VllmEngine(resolved.path, adapter, guard, max_model_len=1024 + max_new_tokens, dtype=dtype)
+        vllm = VllmEngine(resolved.path, adapter, guard, inf.family.MODEL_TYPE, vision.as_dict(), max_new_tokens, dtype)
     systems = ["base"] + (["adapted"] if adapter is not None else [])
     endpoint_of = {f"endpoint:{name}": (url, name) for url, name in endpoints}
     systems += list(endpoint_of)
@@ -217,8 +215,7 @@ def evaluate(
                                        [(j, Generation(*a)) for j, a in done]), progress=bar)
             new = [Generation(*a) for a in answers]
         elif todo and vllm is not None:
-            new = vllm.generate(_Subset(pages, todo), builder.prompt_ids(1), builder.tokenizer, builder.eos_id,
-                                max_new_tokens, adapted=system == "adapted")
+            new = vllm.generate(_Subset(pages, todo), builder, max_new_tokens, adapted=system == "adapted")
             record(list(enumerate(new)))
             bar.update(len(new))
         elif todo and system == "base" and adapter is not None:

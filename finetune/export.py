@@ -55,10 +55,15 @@ def vllm_problems(adapter_config: dict, keys: list[str]) -> list[str]:
     return problems
 
 
-def _read_adapter(adapter_dir: Path) -> tuple[dict, dict, dict]:
-    """(adapter_config.json, ocrtune_adapter.json or {}, tensors) of an adapter folder."""
-    from safetensors.torch import load_file
+def published_key(family, key: str) -> str:
+    """An adapter tensor name in any naming ocrtune reads (its older native names included) ->
+    the family's published one, which vLLM maps."""
+    return family.adapter_key_to_disk(family.adapter_key_from_disk(key))
 
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
+    """(adapter_config.json, ocrtune_adapter.json or {}) of an adapter folder, which must also
+    hold adapter_model.safetensors."""
     cfg_file, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise InputError(f"{adapter_dir}: expected adapter_config.json and adapter_model.safetensors "
@@ -67,7 +72,7 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict, dict]:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{cfg_file}: invalid JSON ({exc.msg})") from None
-    return cfg, read_adapter_meta(adapter_dir), load_file(str(weights))
+    return cfg, read_adapter_meta(adapter_dir)
 
 
 def _family(meta: dict, model: str | None, adapter_dir: Path):
@@ -84,13 +89,12 @@ def _family(meta: dict, model: str | None, adapter_dir: Path):
 def export_adapter(adapter_dir: Path, output: Path, model: str | None = None, overwrite: bool = False) -> dict:
     """The vLLM-ready adapter in `output`; returns what was written. Refuses (ExportError) when
     vLLM would reject or ignore part of the adapter."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     adapter_dir = Path(adapter_dir)
-    cfg, meta, tensors = _read_adapter(adapter_dir)
+    cfg, meta = _read_adapter(adapter_dir)
     family = _family(meta, model, adapter_dir)
-    # Any accepted naming (ocrtune's older native names included) -> the published one.
-    on_disk = {family.adapter_key_to_disk(family.adapter_key_from_disk(k)): v for k, v in tensors.items()}
+    on_disk = {published_key(family, k): v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
     problems = vllm_problems(cfg, list(on_disk))
     if problems:
         raise ExportError(f"{adapter_dir}: not servable as a vLLM LoRA adapter: " + "; ".join(problems)
@@ -118,7 +122,7 @@ def export_merged(adapter_dir: Path, output: Path, model: str | None = None, dty
     from finetune.runtime import resolve_dtype
 
     adapter_dir = Path(adapter_dir)
-    _, meta, _ = _read_adapter(adapter_dir)
+    _, meta = _read_adapter(adapter_dir)
     name = model or meta.get("base_model")
     if not name:
         raise InputError(f"{adapter_dir}: no {ADAPTER_META} names the base model: pass --model")

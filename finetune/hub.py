@@ -163,7 +163,7 @@ def stage(adapter_dir: Path, repo_id: str, base_model_id: str | None = None, rep
         files[REPORT_NAME] = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
     from safetensors import safe_open
 
-    from finetune.export import vllm_problems
+    from finetune.export import published_key, vllm_problems
 
     problems = None
     if meta.get("family") == "deepseek_ocr":  # vLLM serving is checked for v1 adapters (README: vLLM)
@@ -171,7 +171,7 @@ def stage(adapter_dir: Path, repo_id: str, base_model_id: str | None = None, rep
 
         family = family_named(meta["family"])
         with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
-            keys = [family.adapter_key_to_disk(family.adapter_key_from_disk(k)) for k in f.keys()]
+            keys = [published_key(family, k) for k in f.keys()]
         problems = vllm_problems(adapter_config, keys)
     files["README.md"] = model_card(repo_id, base, meta, report, problems).encode()
     return files

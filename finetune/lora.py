@@ -207,14 +207,13 @@ def save_adapter(peft_model, out_dir, family, state_dict=None) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _load_published(model, adapter_dir: Path, adapter_name: str, family):
+def _load_published(model, adapter_dir: Path, adapter_name: str, family, on_disk: dict):
     """An adapter whose config and tensors use the published checkpoint's names (ocrtune's own,
     Unsloth's, ms-swift's): the targets are mapped onto ocrtune's modules, the model wrapped
     with that config, and the tensors loaded under their native names."""
     import json
 
     from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from finetune.compat import get_peft_model
 
@@ -240,7 +239,7 @@ def _load_published(model, adapter_dir: Path, adapter_name: str, family):
     base_name = cfg.pop("base_model_name_or_path", None)  # PEFT would warn that the model has no name
     peft_model = get_peft_model(model, LoraConfig(**cfg), adapter_name)
     peft_model.peft_config[adapter_name].base_model_name_or_path = base_name
-    tensors = {family.adapter_key_from_disk(k): v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    tensors = {family.adapter_key_from_disk(k): v for k, v in on_disk.items()}
     set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
     return peft_model
 
@@ -257,12 +256,12 @@ def load_adapter(model, adapter_dir, adapter_name: str, family):
     from finetune.compat import peft_from_pretrained
 
     adapter_dir = Path(adapter_dir)
+    on_disk = load_file(f"{adapter_dir}/adapter_model.safetensors")
     if family.ADAPTER_CONFIG_PUBLISHED:
-        peft_model = _load_published(model, adapter_dir, adapter_name, family)
+        peft_model = _load_published(model, adapter_dir, adapter_name, family, on_disk)
     else:
         peft_model = peft_from_pretrained(model, str(adapter_dir), adapter_name)
     params = dict(peft_model.named_parameters())
-    on_disk = load_file(f"{adapter_dir}/adapter_model.safetensors")
     bad = []
     for key, tensor in on_disk.items():
         native = family.adapter_key_from_disk(key)

@@ -91,11 +91,11 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
     vllm = None
     if engine == "vllm":  # the same prompt ids, guard and decoding, through vLLM (finetune/vllm_engine.py)
         from finetune.runtime import load_for_engine
-        from finetune.vllm_engine import VllmEngine, check_supported
+        from finetune.vllm_engine import VllmEngine
 
         inf, resolved = load_for_engine(model_name, adapter, prompt, no_repeat_ngram, no_repeat_window)
-        check_supported(inf.family.MODEL_TYPE, inf.vision.as_dict())
-        vllm = VllmEngine(resolved.path, adapter, inf.guard, max_model_len=1024 + max_new_tokens, dtype=dtype)
+        vllm = VllmEngine(resolved.path, adapter, inf.guard, inf.family.MODEL_TYPE, inf.vision.as_dict(),
+                          max_new_tokens, dtype)
     else:
         inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window)
     builder = builder_for(inf.family, inf.processor, inf.model.config if inf.model is not None else None, inf.prompt,
@@ -114,8 +114,7 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
         for start in range(0, len(pages), batch_size):  # a long PDF never holds more than a batch in the model
             chunk = pages[start:start + batch_size]
             if vllm is not None:
-                gens = vllm.generate(chunk, builder.prompt_ids(1), builder.tokenizer, builder.eos_id, max_new_tokens,
-                                     adapted=adapter is not None)
+                gens = vllm.generate(chunk, builder, max_new_tokens, adapted=adapter is not None)
             else:
                 gens = generate_pages(inf.model, builder, chunk, batch_size, max_new_tokens, guard=inf.guard)
             for (pid, _), g in zip(chunk, gens):

@@ -55,18 +55,26 @@ def load_for_engine(model_name: str, adapter: str | Path | None, prompt: str | N
     """What an external engine (vLLM) decodes with, without loading the weights here: the
     resolved checkpoint, its processor, the adapter's recorded vision settings and prompt, the
     repetition guard. Returns (Inference with model=None, resolved checkpoint)."""
-    from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.models import resolve_model
 
     meta = _adapter_meta(adapter)
     resolved = resolve_model(model_name)
     processor = resolved.family.load_processor(resolved.path)
+    return _inference(resolved, None, processor, meta, prompt, no_repeat_ngram, no_repeat_window, dataset_info), resolved
+
+
+def _inference(resolved, model, processor, meta: dict, prompt: str | None, no_repeat_ngram: int,
+               no_repeat_window: int, dataset_info: dict | None) -> Inference:
+    """The decoding settings both loaders share: the adapter's recorded vision settings and
+    prompt, and the repetition guard."""
+    from finetune.decoding import RepetitionGuard, table_tag_ids
+
     saved = meta.get("vision", {})
     vision = resolved.family.vision_settings(processor, saved.get("mode"), saved.get("crop_to_patches"),
                                              saved.get("min_tiles"), saved.get("max_tiles"))
     guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
-    return Inference(resolved.name, None, processor, resolved.family, vision, guard,
-                     choose_prompt(prompt, meta, dataset_info or {})), resolved
+    return Inference(resolved.name, model, processor, resolved.family, vision, guard,
+                     choose_prompt(prompt, meta, dataset_info or {}))
 
 
 def _adapter_meta(adapter) -> dict:
@@ -85,7 +93,6 @@ def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str 
     the repetition guard: what eval, predict and serve decode with."""
     import sys
 
-    from finetune.decoding import RepetitionGuard, table_tag_ids
     from finetune.models import load_model
 
     meta = _adapter_meta(adapter)
@@ -99,9 +106,4 @@ def load_for_inference(model_name: str, adapter: str | Path | None, prompt: str 
 
         model = load_adapter(model, adapter, "adapted", resolved.family)
     model.eval()
-    saved = meta.get("vision", {})
-    vision = resolved.family.vision_settings(processor, saved.get("mode"), saved.get("crop_to_patches"),
-                                             saved.get("min_tiles"), saved.get("max_tiles"))
-    guard = RepetitionGuard(no_repeat_ngram, no_repeat_window, table_tag_ids(processor.tokenizer))
-    return Inference(resolved.name, model, processor, resolved.family, vision, guard,
-                     choose_prompt(prompt, meta, dataset_info or {}))
+    return _inference(resolved, model, processor, meta, prompt, no_repeat_ngram, no_repeat_window, dataset_info)

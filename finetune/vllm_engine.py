@@ -41,11 +41,17 @@ def check_supported(family_type: str, vision: dict) -> None:
                          "sizes. Use the default engine, or --modes/vision.mode gundam")
 
 
-class VllmEngine:
-    """One vLLM engine holding the base model and, when given, the adapter as LoRA."""
+# The longest gundam prompt (6 tiles: 933 placeholder ids) and the prompt text fit in this.
+PROMPT_TOKENS = 1024
 
-    def __init__(self, model_dir: str | Path, adapter_dir: str | Path | None, guard, max_model_len: int,
-                 dtype: str = "auto", family=None):
+
+class VllmEngine:
+    """One vLLM engine holding the base model and, when given, the adapter as LoRA. Refuses
+    (check_supported) what vLLM would decode differently, before anything is loaded."""
+
+    def __init__(self, model_dir: str | Path, adapter_dir: str | Path | None, guard, family_type: str, vision: dict,
+                 max_new_tokens: int, dtype: str = "auto"):
+        check_supported(family_type, vision)
         try:
             from vllm import LLM
             from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor
@@ -66,13 +72,15 @@ class VllmEngine:
 
             self.lora = LoRARequest("adapted", 1, str(folder))
             kwargs.update(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
-        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=0,
+        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=PROMPT_TOKENS + max_new_tokens, seed=0,
                        limit_mm_per_prompt={"image": 1}, logits_processors=[NGramPerReqLogitsProcessor], **kwargs)
 
-    def generate(self, pages, prompt_ids: list[int], tokenizer, eos_id: int, max_new_tokens: int,
-                 adapted: bool) -> list[Generation]:
+    def generate(self, pages, builder, max_new_tokens: int, adapted: bool) -> list[Generation]:
+        """Greedy answers for [(id, image)] from the builder's prompt ids (one <image>: vLLM's
+        processor expands it), decoded by the builder's tokenizer as the transformers path does."""
         from vllm import SamplingParams
 
+        prompt_ids, tokenizer, eos_id = builder.prompt_ids(1), builder.tokenizer, builder.eos_id
         extra = None
         if self.guard.active:
             extra = {"ngram_size": self.guard.ngram_size, "window_size": self.guard.window,

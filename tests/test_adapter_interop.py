@@ -148,3 +148,17 @@ def test_older_adapter_in_ocrtune_native_names_still_loads(v1_base, tmp_path):
         expected = peft_model(**batch).logits
         got = load_adapter(copy.deepcopy(model), tmp_path / "old", "adapted", V1)(**batch).logits
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_unreadable_adapter_configs_are_refused_by_key(v1_base, tmp_path):
+    model, _ = v1_base
+    folder = tmp_path / "adapter"
+    _foreign_adapter(folder, model, ["q_proj"])
+    good = json.loads((folder / "adapter_config.json").read_text())
+    for change, message in [({"target_modules": ["no_such_proj"]}, r"target_modules \['no_such_proj'\] matches no module"),
+                            ({"layers_to_transform": [0]}, r"layers_to_transform \[0\] is not supported"),
+                            ({"peft_type": "IA3"}, r"peft_type 'IA3': only LoRA adapters load"),
+                            ({"target_modules": []}, "target_modules is empty")]:
+        (folder / "adapter_config.json").write_text(json.dumps(dict(good, **change)))
+        with pytest.raises(ValueError, match=r"adapter/adapter_config.json: " + message):
+            load_adapter(copy.deepcopy(model), folder, "adapted", V1)

@@ -98,3 +98,19 @@ def test_existing_output_is_kept(base, tmp_path):
     export_adapter(tmp_path / "adapter", tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                                    ADAPTER_META]
+
+
+def test_bad_adapter_folders_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: expected adapter_config.json and adapter_model.safetensors"):
+        export_adapter(tmp_path / "empty", tmp_path / "out")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken/adapter_config.json: invalid JSON"):
+        export_merged(broken, tmp_path / "out")
+    (broken / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"broken: no ocrtune_adapter.json names the base model: pass --model"):
+        export_merged(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -31,5 +31,9 @@ def test_only_v1_gundam_with_vllms_sizes_is_offered():
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_missing_vllm_is_a_clear_error(tmp_path):
+    _, _, tiny = load_model("builtin:tiny-random-deepseek-ocr")
+    gundam = DeepseekOcr().vision_settings(type(tiny)(tiny.tokenizer), "gundam").as_dict()
     with pytest.raises(OcrtuneError, match="--engine vllm: vLLM is not importable here"):
-        VllmEngine(tmp_path, None, RepetitionGuard(), max_model_len=1024)
+        VllmEngine(tmp_path, None, RepetitionGuard(), "deepseek_ocr", gundam, max_new_tokens=16)
+    with pytest.raises(OcrtuneError, match="only reproduces gundam"):  # checked before vLLM is needed
+        VllmEngine(tmp_path, None, RepetitionGuard(), "deepseek_ocr", dict(gundam, max_tiles=9), max_new_tokens=16)
