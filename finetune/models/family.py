@@ -40,6 +40,9 @@ class DecoderLayout:
     # Optional trainable extras (lora.train_projector, lora.vision_lora).
     projector_modules: tuple[str, ...]
     vision_lora: str
+    # Fused expert parameter (leaf under mlp.experts) -> the published per-expert Linear names
+    # it stacks along its output rows, in order: adapters are stored per expert, as published.
+    fused_experts: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 class ModelFamily(ABC):

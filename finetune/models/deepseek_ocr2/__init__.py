@@ -41,6 +41,7 @@ class DeepseekOcr2(ModelFamily):
         projector_modules=("model.multi_modal_projector",),
         vision_lora=(r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                      r"|mlp\.(gate_proj|up_proj|down_proj))"),
+        fused_experts=(("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))),
     )
     # Adapter keys on disk use the original checkpoint naming (model.layers.N...), not the
     # native one (model.language_model.layers.N...). PEFT on transformers v5 runs the
