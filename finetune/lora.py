@@ -185,63 +185,110 @@ def _unwrapped_names(model: nn.Module, linear_only: bool) -> list[str]:
 def save_adapter(peft_model, out_dir, family, state_dict=None) -> None:
     """PEFT save, then the tensor names (and, where the family reads adapter configs in
     published names, adapter_config.json's targets) rewritten into the family's on-disk
-    naming. `state_dict`: the full model state gathered from sharded processes (FSDP,
-    ZeRO-3), else None."""
+    naming; fused routed-expert LoRA is written per expert, as published (expert_lora).
+    `state_dict`: the full model state gathered from sharded processes (FSDP, ZeRO-3), else None."""
     import json
 
     from safetensors.torch import load_file, save_file
+
+    from finetune import expert_lora
 
     peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False,
                                state_dict=state_dict)
     path = f"{out_dir}/adapter_model.safetensors"
     tensors = load_file(path)
-    save_file({family.adapter_key_to_disk(k): v.contiguous() for k, v in tensors.items()}, path,
-              metadata={"format": "pt"})
+    drop, per_expert = expert_lora.to_disk(peft_model, peft_model.active_adapter, family)
+    tensors = {family.adapter_key_to_disk(k): v.contiguous() for k, v in tensors.items() if k not in drop}
+    save_file(tensors | per_expert, path, metadata={"format": "pt"})
+    cfg_path = Path(out_dir) / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    base = peft_model.get_base_model()
     if family.ADAPTER_CONFIG_PUBLISHED:
-        cfg_path = Path(out_dir) / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        base = peft_model.get_base_model()
         cfg["target_modules"] = _published_spec(cfg.get("target_modules"), family, base, linear_only=True)
         if cfg.get("modules_to_save"):
             cfg["modules_to_save"] = _published_spec(cfg["modules_to_save"], family, base, linear_only=False)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if per_expert:
+        # The experts are named as modules now, as other tools name them; PEFT's
+        # target_parameters (fused names) would point at tensors that are not in the file.
+        cfg["target_parameters"] = None
+        experts = expert_lora.target_regex(family)
+        spec = cfg.get("target_modules")
+        if isinstance(spec, str) or not spec:
+            cfg["target_modules"] = f"({spec})|({experts})" if spec else experts
+        else:
+            names = {expert_lora.EXPERT_KEY.match(k)["experts"] + "." + expert_lora.EXPERT_KEY.match(k)["e"] + "."
+                     + expert_lora.EXPERT_KEY.match(k)["proj"] for k in per_expert}
+            cfg["target_modules"] = sorted(set(spec) | names)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _load_published(model, adapter_dir: Path, adapter_name: str, family, on_disk: dict):
     """An adapter whose config and tensors use the published checkpoint's names (ocrtune's own,
-    Unsloth's, ms-swift's): the targets are mapped onto ocrtune's modules, the model wrapped
-    with that config, and the tensors loaded under their native names."""
+    Unsloth's, ms-swift's) or ocrtune's: the targets are mapped onto ocrtune's modules, the
+    model wrapped with that config, and the tensors loaded under their native names; per-expert
+    tensors go onto the fused experts (expert_lora). Returns (model, the tensors still to check)."""
     import json
+    import warnings
 
-    from peft import LoraConfig, set_peft_model_state_dict
+    import torch
+    from peft import LoraConfig
 
+    from finetune import expert_lora
     from finetune.compat import get_peft_model
 
     raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+    where = f"{adapter_dir}/adapter_config.json"
     if raw.get("peft_type", "LORA") != "LORA":
-        raise InputError(f"{adapter_dir}/adapter_config.json: peft_type {raw['peft_type']!r}: only LoRA adapters load")
-    for key in ("layers_to_transform", "layers_pattern", "target_parameters"):
+        raise InputError(f"{where}: peft_type {raw['peft_type']!r}: only LoRA adapters load")
+    for key in ("layers_to_transform", "layers_pattern"):
         if raw.get(key):
-            raise InputError(f"{adapter_dir}/adapter_config.json: {key} {raw[key]!r} is not supported for "
+            raise InputError(f"{where}: {key} {raw[key]!r} is not supported for "
                              f"{family.MODEL_TYPE} adapters (name the modules in target_modules)")
     if not raw.get("target_modules"):
-        raise InputError(f"{adapter_dir}/adapter_config.json: target_modules is empty")
+        raise InputError(f"{where}: target_modules is empty")
+    rest, grouped = expert_lora.split(on_disk, family)
+    plans = expert_lora.plan(model, grouped, family, raw.get("lora_alpha", 8), bool(raw.get("use_rslora")),
+                             f"{adapter_dir}/adapter_model.safetensors")
     known = set(LoraConfig.__dataclass_fields__)
     cfg = {k: v for k, v in raw.items() if k in known}
     cfg["target_modules"] = native_modules(model, raw["target_modules"], family, "target_modules", linear_only=True)
-    if not cfg["target_modules"]:
-        raise InputError(f"{adapter_dir}/adapter_config.json: target_modules {raw['target_modules']!r} matches no "
+    if not cfg["target_modules"] and not plans:
+        raise InputError(f"{where}: target_modules {raw['target_modules']!r} matches no "
                          f"module of this {family.MODEL_TYPE} model")
     if raw.get("modules_to_save"):
         cfg["modules_to_save"] = native_modules(model, raw["modules_to_save"], family, "modules_to_save",
                                                 linear_only=False)
+    if plans:
+        cfg["target_parameters"] = sorted(plans)
+        cfg["rank_pattern"] = dict(cfg.get("rank_pattern") or {}) | {re.escape(n): p.rank for n, p in plans.items()}
+        cfg["alpha_pattern"] = dict(cfg.get("alpha_pattern") or {}) | {re.escape(n): p.alpha for n, p in plans.items()}
+        cfg["lora_dropout"] = 0.0  # PEFT's expert wrapper takes no dropout; a loaded adapter runs without it anyway
     cfg["inference_mode"] = True  # as PeftModel.from_pretrained: the loaded adapter is frozen
     base_name = cfg.pop("base_model_name_or_path", None)  # PEFT would warn that the model has no name
-    peft_model = get_peft_model(model, LoraConfig(**cfg), adapter_name)
+    with warnings.catch_warnings():
+        # PEFT checks rank_pattern and alpha_pattern against modules, not parameters, and warns that these
+        # keys "did not match"; the wrappers' scaling is checked exactly in expert_lora.fill.
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
+        peft_model = get_peft_model(model, LoraConfig(**cfg), adapter_name)
     peft_model.peft_config[adapter_name].base_model_name_or_path = base_name
-    tensors = {family.adapter_key_from_disk(k): v for k, v in on_disk.items()}
-    set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
-    return peft_model
+    # Copied by name rather than through set_peft_model_state_dict, which on transformers v5
+    # runs the checkpoint's key conversion over them again (native names would be mangled).
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in rest.items():
+            target = _adapter_param(params, family.adapter_key_from_disk(key), adapter_name)
+            if target is not None and target.shape == tensor.shape:
+                target.copy_(tensor.to(target.dtype))
+    expert_lora.fill(peft_model, adapter_name, plans, family, f"{adapter_dir}/adapter_model.safetensors")
+    return peft_model, rest
+
+
+def _adapter_param(params: dict, native_key: str, adapter_name: str):
+    """The model parameter an adapter tensor (PEFT key in ocrtune's names) loads into: LoRA
+    tensors sit under the adapter's name, modules trained in full (train_projector) under
+    modules_to_save.<name>; None if there is none."""
+    stem, _, leaf = native_key.rpartition(".")
+    return params.get(f"{stem}.{adapter_name}.{leaf}", params.get(f"{stem}.modules_to_save.{adapter_name}.{leaf}"))
 
 
 def load_adapter(model, adapter_dir, adapter_name: str, family):
@@ -250,6 +297,8 @@ def load_adapter(model, adapter_dir, adapter_name: str, family):
     A LoRA tensor that fails to load stays at its initial value (B = 0), which would make
     the "adapted" system silently equal to the base model; here that is an error.
     """
+    import json
+
     import torch
     from safetensors.torch import load_file
 
@@ -257,18 +306,16 @@ def load_adapter(model, adapter_dir, adapter_name: str, family):
 
     adapter_dir = Path(adapter_dir)
     on_disk = load_file(f"{adapter_dir}/adapter_model.safetensors")
-    if family.ADAPTER_CONFIG_PUBLISHED:
-        peft_model = _load_published(model, adapter_dir, adapter_name, family, on_disk)
+    raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if raw.get("target_parameters"):
+        # An older ocrtune OCR-2 adapter: fused expert tensors under PEFT's own names.
+        peft_model, to_check = peft_from_pretrained(model, str(adapter_dir), adapter_name), on_disk
     else:
-        peft_model = peft_from_pretrained(model, str(adapter_dir), adapter_name)
+        peft_model, to_check = _load_published(model, adapter_dir, adapter_name, family, on_disk)
     params = dict(peft_model.named_parameters())
     bad = []
-    for key, tensor in on_disk.items():
-        native = family.adapter_key_from_disk(key)
-        stem, _, leaf = native.rpartition(".")
-        # LoRA tensors sit under the adapter's name; modules trained in full (train_projector)
-        # under modules_to_save.<name>.
-        loaded = params.get(f"{stem}.{adapter_name}.{leaf}", params.get(f"{stem}.modules_to_save.{adapter_name}.{leaf}"))
+    for key, tensor in to_check.items():
+        loaded = _adapter_param(params, family.adapter_key_from_disk(key), adapter_name)
         if loaded is None or loaded.shape != tensor.shape or not torch.equal(loaded.detach().cpu().to(tensor.dtype), tensor):
             bad.append(key)
     if bad:

@@ -39,19 +39,27 @@ class DeepseekOcr2(ModelFamily):
         vision=("model.vision_tower",),
         projector=("model.multi_modal_projector", "model.view_separator"),
         projector_modules=("model.multi_modal_projector",),
-        vision_lora=(r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+        vision_lora=(r"model\.vision_tower\.vision_encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                      r"|mlp\.(gate_proj|up_proj|down_proj))"),
         fused_experts=(("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))),
     )
-    # Adapter keys on disk use the original checkpoint naming (model.layers.N...), not the
-    # native one (model.language_model.layers.N...). PEFT on transformers v5 runs the
-    # checkpoint conversion renames over adapter keys when loading, and the rule
-    # `(^|model\.)layers\.` -> `language_model.layers.` also matches inside an already
-    # native `language_model.layers.`, mangling every key. Keys in the original naming come
-    # out of that conversion exactly right, so plain `PeftModel.from_pretrained` works.
+    # Adapter tensors on disk use the published (remote-code) checkpoint's names, the layout
+    # vLLM, Unsloth and ms-swift share: model.layers.N... for the decoder, one pair per
+    # routed expert (finetune/expert_lora.py), model.qwen2_model.model.model.layers.N... for the
+    # vision encoder, model.projector.layers for the projector. PEFT on transformers v5 runs the
+    # checkpoint conversion renames over adapter keys when loading, and these names come out of
+    # it exactly right (a native `language_model.layers.` would be mangled by the rule
+    # `(^|model\.)layers\.` -> `language_model.layers.`), so plain `PeftModel.from_pretrained`
+    # loads every adapter without routed-expert LoRA (per-expert pairs do not fit transformers'
+    # fused experts: ocrtune's loader and vLLM apply those).
     PUBLISHED_PREFIXES = (("model.language_model.layers.", "model.layers."),
                           ("model.language_model.embed_tokens.", "model.embed_tokens."),
-                          ("model.language_model.norm.", "model.norm."))
+                          ("model.language_model.norm.", "model.norm."),
+                          ("model.vision_tower.vision_encoder.layers.", "model.qwen2_model.model.model.layers."),
+                          ("model.vision_tower.vision_encoder.norm.", "model.qwen2_model.model.model.norm."),
+                          ("model.multi_modal_projector.", "model.projector.layers."))
+    # adapter_config.json's targets stay in transformers' names, which plain PEFT matches
+    # against transformers' model; ocrtune reads targets in either naming.
     # deepseek-ai/DeepSeek-OCR-2 is published in the remote-code layout (model_type
     # deepseek_vl_v2); the same weights in transformers' layout live at this id.
     HUB_ALIASES = {"deepseek-ai/DeepSeek-OCR-2": "deepseek-community/DeepSeek-OCR-2"}
