@@ -46,7 +46,8 @@ class DeepseekOcr2(ModelFamily):
     # Adapter tensors on disk use the published (remote-code) checkpoint's names, the layout
     # vLLM, Unsloth and ms-swift share: model.layers.N... for the decoder, one pair per
     # routed expert (finetune/expert_lora.py), model.qwen2_model.model.model.layers.N... for the
-    # vision encoder, model.projector.layers for the projector. PEFT on transformers v5 runs the
+    # vision encoder. The projector (modules_to_save) keeps transformers' name: PEFT renames
+    # LoRA keys only, and vLLM takes no modules_to_save anyway. PEFT on transformers v5 runs the
     # checkpoint conversion renames over adapter keys when loading, and these names come out of
     # it exactly right (a native `language_model.layers.` would be mangled by the rule
     # `(^|model\.)layers\.` -> `language_model.layers.`), so plain `PeftModel.from_pretrained`
@@ -56,8 +57,7 @@ class DeepseekOcr2(ModelFamily):
                           ("model.language_model.embed_tokens.", "model.embed_tokens."),
                           ("model.language_model.norm.", "model.norm."),
                           ("model.vision_tower.vision_encoder.layers.", "model.qwen2_model.model.model.layers."),
-                          ("model.vision_tower.vision_encoder.norm.", "model.qwen2_model.model.model.norm."),
-                          ("model.multi_modal_projector.", "model.projector.layers."))
+                          ("model.vision_tower.vision_encoder.norm.", "model.qwen2_model.model.model.norm."))
     # adapter_config.json's targets stay in transformers' names, which plain PEFT matches
     # against transformers' model; ocrtune reads targets in either naming.
     # deepseek-ai/DeepSeek-OCR-2 is published in the remote-code layout (model_type
