@@ -40,9 +40,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _usage(family: str, base_model: str, repo_id: str) -> list[str]:
+def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False) -> list[str]:
     """How to run the adapter, right for its family: v1 has no transformers class (ocrtune or
-    vLLM load it); OCR-2 loads through transformers + PEFT."""
+    vLLM load it); OCR-2 loads through transformers + PEFT, except LoRA on routed experts
+    (`per_expert`), which PEFT does not apply to transformers' fused experts."""
     if family == "deepseek_ocr":
         return [
             "DeepSeek-OCR (v1) has no class in transformers; load the adapter with ocrtune or serve it with vLLM:",
@@ -51,6 +52,18 @@ def _usage(family: str, base_model: str, repo_id: str) -> list[str]:
             f"ocrtune predict --model {base_model} --adapter ADAPTER_DIR --input page.png --output out/",
             "ocrtune export ADAPTER_DIR --output vllm-adapter   # the layout vLLM loads",
             f"vllm serve {base_model} --enable-lora --lora-modules adapted=vllm-adapter",
+            "```",
+            "",
+            f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)",
+        ]
+    if per_expert:
+        return [
+            "This adapter trains the routed experts, stored one LoRA pair per expert as in the published "
+            "checkpoint; PEFT does not apply those to transformers' fused experts (it would load the rest and "
+            "skip them). Load it with ocrtune:",
+            "",
+            "```bash",
+            f"ocrtune predict --model {base_model} --adapter ADAPTER_DIR --input page.png --output out/",
             "```",
             "",
             f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)",
@@ -79,7 +92,7 @@ def _model_index(repo_id: str, report: dict) -> list[str]:
 
 
 def model_card(repo_id: str, base_model: str, meta: dict, report: dict | None,
-               vllm_problems: list[str] | None = None) -> str:
+               vllm_problems: list[str] | None = None, per_expert: bool = False) -> str:
     family = meta.get("family", "deepseek_ocr2")
     front = ["---", "library_name: peft", "pipeline_tag: image-text-to-text",
              "tags: [ocrtune, ocr, lora, deepseek-ocr]"]
@@ -118,7 +131,7 @@ def model_card(repo_id: str, base_model: str, meta: dict, report: dict | None,
                       "for both systems. Full numbers: `ocrtune_eval.json`.", ""]
     else:
         lines += ["No evaluation report was found next to this adapter, so no CER is claimed.", ""]
-    lines += ["## Use", ""] + _usage(family, base_model, repo_id) + [""]
+    lines += ["## Use", ""] + _usage(family, base_model, repo_id, per_expert) + [""]
     if vllm_problems is not None:
         lines += ["## Serving with vLLM", ""]
         if vllm_problems:
@@ -163,8 +176,11 @@ def stage(adapter_dir: Path, repo_id: str, base_model_id: str | None = None, rep
         files[REPORT_NAME] = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
     from safetensors import safe_open
 
+    from finetune.expert_lora import EXPERT_KEY
     from finetune.export import published_key, vllm_problems
 
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        per_expert = any(EXPERT_KEY.match(k) for k in f.keys())
     problems = None
     if meta.get("family") == "deepseek_ocr":  # vLLM serving is checked for v1 adapters (README: vLLM)
         from finetune.models.registry import family_named
@@ -173,7 +189,8 @@ def stage(adapter_dir: Path, repo_id: str, base_model_id: str | None = None, rep
         with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
             keys = [published_key(family, k) for k in f.keys()]
         problems = vllm_problems(adapter_config, keys)
-    files["README.md"] = model_card(repo_id, base, meta, report, problems).encode()
+    files["README.md"] = model_card(repo_id, base, meta, report, problems,
+                                    per_expert=per_expert and meta.get("family") == "deepseek_ocr2").encode()
     return files
 
 

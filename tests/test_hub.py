@@ -147,6 +147,9 @@ def test_card_has_model_index_family_usage_bootstrap_unit_and_no_local_path(tmp_
     assert "Not loadable as a vLLM LoRA adapter: modules_to_save x" in refused and "--merge" in refused
     ocr2 = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, None)
     assert "DeepseekOcr2ForConditionalGeneration.from_pretrained" in ocr2 and "vLLM" not in ocr2
+    experts = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, None,
+                         per_expert=True)
+    assert "PeftModel" not in experts and "ocrtune predict --model deepseek-community/DeepSeek-OCR-2" in experts
 
 
 def test_push_checks_a_v1_adapter_for_vllm(tmp_path):
