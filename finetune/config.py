@@ -107,10 +107,12 @@ class TrainSettings:
     # seed): less padding, faster steps; slightly less random batches.
     group_by_length: bool = False
     num_workers: int = 0  # DataLoader workers decoding images in parallel
-    # Encode each training image once and reuse its vision features in later epochs (memory:
-    # placeholders x hidden floats per image, held for the run). Only with a frozen vision
-    # tower and projector (no lora.vision_lora / train_projector / preset full); DeepSeek-OCR
-    # (v1) only. Saves the vision tower's share of every step after the first epoch.
+    # Encode each training image once and reuse its vision features in later epochs and later
+    # runs, kept on disk in DATA_PATH.vision_cache/ beside the dataset (keyed by the frozen
+    # vision weights, mode and settings, and the image's bytes; delete it any time). Saves the
+    # vision tower's share of every step after the first epoch, for disk (placeholders x hidden
+    # floats per image). Only with a frozen vision tower and projector (no lora.vision_lora /
+    # train_projector / preset full), not under FSDP/DeepSpeed.
     cache_vision_features: bool = False
     log_every: int = 1
     # Checkpoints under OUTPUT_DIR/checkpoints/ every this many steps (0 = none): adapter,

@@ -30,7 +30,7 @@ from finetune.compat import enable_activation_checkpointing, get_peft_model
 from finetune.config import (DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings, ValidationSettings,
                              VisionConfig, dump_yaml, load_config, to_dict)
 from finetune.errors import OcrtuneError, library_versions
-from finetune.feature_cache import VisionFeatureCache, unsupported as unsupported_cache
+from finetune.feature_cache import open_cache
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
 from finetune.loss import token_loss_sum
 from finetune.sequence import IGNORE_INDEX
@@ -147,8 +147,10 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         raise TrainError(f"no training samples left in {data_path}:{cfg.data.train_split}")
     model, ledger, checkpointing = _trainable(model, cfg.lora, full, resolved.name, family.LAYOUT,
                                               t.gradient_checkpointing, say)
-    loss_fn, train_loss_fn, feature_cache = _loss_fns(model, family.MODEL_TYPE, t.loss_chunk_tokens,
-                                                      t.cache_vision_features)
+    feature_cache = None if not t.cache_vision_features else open_cache(
+        model, family, processor, vision.as_dict(), data_path, train_split, keep, device_type=accelerator.device.type,
+        precision=accelerator.mixed_precision, autocast=accelerator.autocast, sharded=sharded, say=say)
+    loss_fn, train_loss_fn = _loss_fns(model, t.loss_chunk_tokens, feature_cache)
     sampler, loader = _loader(train_split, keep, lengths, builder, t)
     trainable, optimizer, scheduler = _optimizer(model, t)
 
@@ -315,20 +317,14 @@ def _trainable(model, lora: LoraSettings, full: bool, base_name: str, layout, gr
     return model, ledger, checkpointing
 
 
-def _loss_fns(model, model_type: str, chunk_tokens: int, cache_vision_features: bool):
-    """(loss for validation, loss for training, vision feature cache or None): summed token
-    losses; training's reuses cached vision features when train.cache_vision_features."""
+def _loss_fns(model, chunk_tokens: int, feature_cache):
+    """(loss for validation, loss for training): summed token losses; training's takes the
+    vision features from `feature_cache` (train.cache_vision_features) when there is one."""
     lm_head = model.get_output_embeddings()  # frozen; the chunked loss runs it outside DDP's forward
     loss_fn = lambda m, batch: token_loss_sum(m, batch, lm_head, chunk_tokens)  # noqa: E731
-    feature_cache = None
-    if cache_vision_features:  # load_config refused it with a trained vision side
-        if (why := unsupported_cache(model_type)) is not None:
-            raise TrainError(why)
-        feature_cache = VisionFeatureCache(model.get_base_model().model.image_features)
-        train_loss_fn = lambda m, batch: loss_fn(m, feature_cache.inputs(batch))  # noqa: E731
-    else:
-        train_loss_fn = loss_fn
-    return loss_fn, train_loss_fn, feature_cache
+    if feature_cache is None:
+        return loss_fn, loss_fn
+    return loss_fn, lambda m, batch: loss_fn(m, feature_cache.inputs(batch))
 
 
 def _loader(train_split, keep: list[int], lengths: list[int], builder, t: TrainSettings):

@@ -124,15 +124,12 @@ def test_validate_checks_family_choices_without_weights(tmp_path):
                                         "vision:\n  mode: tiny\n")
     (tmp_path / "huge.yaml").write_text("model:\n  name: builtin:tiny-deepseek-ocr\ndata:\n  path: x\n"
                                         "vision:\n  mode: huge\n")
-    (tmp_path / "cache.yaml").write_text("model:\n  name: builtin:tiny-deepseek-ocr-2\ndata:\n  path: x\n"
-                                         "train:\n  cache_vision_features: true\n")
     (tmp_path / "dtype.yaml").write_text("model:\n  name: builtin:tiny-deepseek-ocr\n  dtype: bf17\ndata:\n  path: x\n")
-    bad = run_cli("validate", *(str(tmp_path / f"{n}.yaml") for n in ("mode", "huge", "cache", "dtype")))
+    bad = run_cli("validate", *(str(tmp_path / f"{n}.yaml") for n in ("mode", "huge", "dtype")))
     assert bad.returncode == 2
     out = bad.stdout
     assert "mode.yaml: vision.mode 'tiny': deepseek_ocr2 has the modes base, gundam" in out
     assert "huge.yaml: vision.mode 'huge': deepseek_ocr has the modes tiny, small, base, large, gundam" in out
-    assert "cache.yaml: train.cache_vision_features: supported for DeepSeek-OCR (v1) only, not deepseek_ocr2" in out
     assert "dtype.yaml: model.dtype 'bf17': choose one of auto, float32, bfloat16, float16" in out
 
 
