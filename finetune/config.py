@@ -280,6 +280,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if cfg.train.cache_vision_features and trained_vision:
         raise ConfigError(f"{where}train.cache_vision_features: the vision features change while training with "
                           f"{', '.join(trained_vision)}; turn one or the other off")
+    if cfg.lora.preset == "all" and cfg.lora.dropout > 0:
+        raise ConfigError(f"{where}lora.dropout {cfg.lora.dropout}: must be 0 with lora.preset all (the routed experts "
+                          "are fused parameters, and PEFT's wrapper for them takes no dropout)")
     if cfg.train.loss_chunk_tokens < 0:
         raise ConfigError(f"{where}train.loss_chunk_tokens must be >= 0 (0 = plain loss)")
     return cfg

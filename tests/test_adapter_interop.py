@@ -147,7 +147,10 @@ def test_ocrtune_adapter_is_written_in_published_names_and_loads_back(v1_base, t
     assert "base_model.model.model.projector.layers.weight" in keys  # the published projector's name
     assert not [k for k in keys if "language_model" in k]
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["target_modules"].startswith(r"model\.layers\.\d+\.(") and cfg["modules_to_save"] == ["model.projector.layers"]
+    # published names throughout; the routed experts as per-expert modules, as published
+    assert cfg["target_modules"].startswith(r"(model\.layers\.\d+\.(") and cfg["modules_to_save"] == ["model.projector.layers"]
+    assert cfg["target_modules"].endswith(r"|(model\.layers\.\d+\.mlp\.experts\.\d+\.(down_proj|gate_proj|up_proj))")
+    assert cfg["target_parameters"] is None
     batch = _inputs(model, processor)
     with torch.no_grad():
         expected = peft_model(**batch).logits

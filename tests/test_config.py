@@ -36,6 +36,12 @@ def test_bad_keys_and_values_name_the_key(override, message):
         load_config(None, REQUIRED + [override])
 
 
+def test_dropout_with_routed_expert_lora_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("lora.dropout 0.1: must be 0 with lora.preset all")):
+        load_config(None, REQUIRED + ["lora.preset=all", "lora.dropout=0.1"])
+    assert load_config(None, REQUIRED + ["lora.preset=attention", "lora.dropout=0.1"]).lora.dropout == 0.1
+
+
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model:\n  name: builtin:x\n  nmae: y\ndata:\n  path: d\n")

@@ -212,7 +212,7 @@ def test_tiny_official_checkpoint_loads_every_tensor_where_it_belongs(tmp_path):
     attn = model.model.vision_model.transformer.layers[0].self_attn
     assert torch.equal(attn.q_proj.weight, w[:32]) and torch.equal(attn.v_proj.weight, w[64:])
     assert torch.equal(model.model.sam_model.proj.conv2.weight, written["model.sam_model.net_3.weight"])
-    assert torch.equal(model.model.language_model.layers[1].mlp.experts[3].down_proj.weight,
+    assert torch.equal(model.model.language_model.layers[1].mlp.experts.down_proj[3],
                        written["model.layers.1.mlp.experts.3.down_proj.weight"])
     assert torch.equal(model.model.view_seperator, written["model.view_seperator"])
 

@@ -35,15 +35,17 @@ class DeepseekOcr(ModelFamily):
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
         dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         shared_experts=("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"),
-        # One Linear triple per routed expert (as published): LoRA reaches them as modules.
-        routed_expert_modules=r"mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)",
-        routed_expert_params=(),
+        # Routed experts stacked into 3-D parameters (modeling.RoutedExperts), reached as
+        # parameters; gate and up apart, so each is one LoRA per published per-expert Linear.
+        routed_expert_modules="",
+        routed_expert_params=("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"),
         router="mlp.gate",
         vision=("model.sam_model", "model.vision_model"),
         projector=("model.projector", "model.image_newline", "model.view_seperator"),
         projector_modules=("model.projector",),
         vision_lora=(r"model\.vision_model\.transformer\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)"
                      r"|mlp\.fc1|mlp\.fc2)"),
+        fused_experts=(("gate_proj", ("gate_proj",)), ("up_proj", ("up_proj",)), ("down_proj", ("down_proj",))),
     )
 
     # Adapters are written under the published checkpoint's names (model.layers.N..., the

@@ -4,10 +4,11 @@ deepseek-ai/DeepSeek-OCR publishes config.json with model_type "deepseek_vl_v2"
 (language_config / vision_config / projector_config) and safetensors under the
 remote-code names (model.sam_model.blocks.N..., model.vision_model... with one fused
 qkv_proj per CLIP layer, model.layers.N... with one module per routed expert). Loading
-renames those keys onto the native modules and splits CLIP's qkv; saving does the reverse,
-so every checkpoint ocrtune writes (the builtin tiny ones, full-parameter runs) is in the
-official layout too, and the same loader reads both. Weights are read with safetensors
-only: no pickle, no downloaded code.
+renames those keys onto the native modules, splits CLIP's qkv and stacks each MoE layer's
+per-expert gate/up/down weights into the native 3-D expert parameters (experts, out, in);
+saving does the reverse, so every checkpoint ocrtune writes (the builtin tiny ones,
+full-parameter runs) is in the official layout too, and the same loader reads both. Weights
+are read with safetensors only: no pickle, no downloaded code.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ _RENAMES = _table(_PAIRS)
 _INVERSE = _table([(b, a) for a, b in _PAIRS])
 _QKV = re.compile(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
 _SPLIT = re.compile(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)q_proj\.(weight|bias)$")
+# One routed expert's Linear weight, under either prefix (official model.layers.N. or native
+# model.language_model.layers.N.), and the native stacked parameter it goes into.
+_EXPERT = re.compile(r"(model\.(?:language_model\.)?layers\.\d+\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED = re.compile(r"(model\.(?:language_model\.)?layers\.\d+\.mlp\.experts\.)(gate_proj|up_proj|down_proj)$")
 
 
 class OfficialLayoutError(ModelNameError):
@@ -67,8 +72,39 @@ def _rename(key: str, table) -> str:
     return key
 
 
+def stack_experts(tensors: dict[str, torch.Tensor]) -> None:
+    """In place: each MoE layer's per-expert `experts.E.{gate,up,down}_proj.weight` become one
+    `experts.{gate,up,down}_proj` [experts, out, in], names otherwise kept (official or native).
+
+    A projection whose experts are not numbered 0..n-1 or differ in shape is left per expert,
+    for `check_keys` to name what is missing or wrong. Each group's per-expert tensors leave
+    the dict as it is stacked, so a caller that holds no other reference to them (read_official)
+    never holds the experts twice."""
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    for key in tensors:
+        m = _EXPERT.match(key)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = key
+    for (prefix, proj), keys in groups.items():
+        if sorted(keys) != list(range(len(keys))) or len({tuple(tensors[k].shape) for k in keys.values()}) != 1:
+            continue
+        tensors[prefix + proj] = torch.stack([tensors.pop(keys[e]) for e in range(len(keys))])
+
+
+def split_experts(key: str, value: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A stacked expert parameter -> its per-expert Linear weights under the same prefix (views
+    of `value`), or None for any other key."""
+    m = _STACKED.match(key)
+    if m is None or value.dim() != 3:
+        return None
+    return {f"{m.group(1)}{e}.{m.group(2)}.weight": value[e] for e in range(value.shape[0])}
+
+
 def from_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official names -> native names; each fused CLIP qkv becomes q, k and v (in that order)."""
+    """Official names -> native names; each fused CLIP qkv becomes q, k and v (in that order),
+    each MoE layer's per-expert Linears one stacked parameter per projection."""
+    tensors = dict(tensors)  # stack_experts works in place; the caller's dict stays as it was
+    stack_experts(tensors)
     out = {}
     for key, value in tensors.items():
         m = _QKV.match(key)
@@ -90,13 +126,18 @@ def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             prefix, leaf = m.group(1), m.group(2)
             out[f"{prefix}qkv_proj.{leaf}"] = torch.cat([state[f"{prefix}{p}_proj.{leaf}"] for p in "qkv"])
             continue
+        experts = split_experts(key, value)
+        if experts is not None:
+            out.update({_rename(k, _INVERSE): v for k, v in experts.items()})
+            continue
         out[_rename(key, _INVERSE)] = value
     return out
 
 
 def official_module_name(native: str) -> tuple[str, bool]:
     """The published name of a native module, and whether it is the same module there (CLIP's
-    q/k/v are one fused qkv_proj upstream)."""
+    q/k/v are one fused qkv_proj upstream). The routed experts' module keeps its name: upstream
+    it holds the same weights, as one Linear per expert."""
     m = re.fullmatch(r"(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)(q|k|v)_proj", native)
     if m:
         return f"{m.group(1)}qkv_proj", False
@@ -104,6 +145,9 @@ def official_module_name(native: str) -> tuple[str, bool]:
 
 
 def to_official_key(native: str) -> str:
+    """One key renamed by prefix. A stacked expert parameter (or a LoRA tensor under it) keeps
+    its stacked leaf, model.layers.N.mlp.experts.gate_proj: upstream it is one key per expert,
+    which `split_experts` (weights) and the adapter writer (LoRA tensors) produce."""
     return _rename(native, _INVERSE)
 
 
@@ -239,6 +283,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_official(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under their official names, except that each MoE layer's
+    per-expert weights come stacked (`stack_experts`): stacked here, as they are read, the
+    per-expert copies are freed group by group instead of living beside the stacks."""
     from safetensors import safe_open
 
     tensors = {}
@@ -247,16 +294,21 @@ def read_official(folder: Path, dtype: torch.dtype | None = None) -> dict[str, t
             for key in f.keys():
                 t = f.get_tensor(key)
                 tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    stack_experts(tensors)
     return tensors
 
 
 def check_keys(expected: dict[str, tuple], got: dict[str, torch.Tensor], where: str) -> None:
     """Refuse, listing them, any missing, unexpected or wrongly shaped tensor."""
+    # Compared per routed expert, as the checkpoint stores them: a missing expert is named as
+    # the key to look for, not as a stack of the wrong size.
+    expected = _per_expert_shapes(expected)
+    got = _per_expert_shapes({k: tuple(v.shape) for k, v in got.items()})
     # Named as in the checkpoint, so they can be looked up there.
     missing = sorted({_official_name(k) for k in set(expected) - set(got)})
     unexpected = sorted({_official_name(k) for k in set(got) - set(expected)})
-    shapes = sorted(f"{_official_name(k)}: checkpoint {tuple(got[k].shape)}, model {expected[k]}"
-                    for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k]))
+    shapes = sorted(f"{_official_name(k)}: checkpoint {got[k]}, model {tuple(expected[k])}"
+                    for k in set(expected) & set(got) if tuple(got[k]) != tuple(expected[k]))
     if missing or unexpected or shapes:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
@@ -264,6 +316,17 @@ def check_keys(expected: dict[str, tuple], got: dict[str, torch.Tensor], where: 
                 shown = ", ".join(items[:20])
                 parts.append(f"{len(items)} {label} ({shown}{', ...' if len(items) > 20 else ''})")
         raise OfficialLayoutError(f"{where}: checkpoint does not match the DeepSeek-OCR architecture: " + "; ".join(parts))
+
+
+def _per_expert_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    out = {}
+    for key, shape in shapes.items():
+        m = _STACKED.match(key)
+        if m and len(shape) == 3:
+            out.update({f"{m.group(1)}{e}.{m.group(2)}.weight": tuple(shape[1:]) for e in range(shape[0])})
+        else:
+            out[key] = tuple(shape)
+    return out
 
 
 def _official_name(native: str) -> str:

@@ -8,9 +8,10 @@
     model.image_newline    one learned vector closing every row of a view's token grid
     model.view_seperator   one learned vector after the views (the checkpoint's spelling)
     model.language_model   DeepSeek-V2 MoE decoder: transformers' DeepseekOcr2TextModel, whose
-                           sparse layers get one Linear triple per routed expert as published
-                           (the fused 3-D experts of OCR-2 would change the LoRA arithmetic:
-                           one shared A for gate and up instead of one each)
+                           sparse layers get RoutedExpertsMoe: the routed experts stacked into
+                           three 3-D parameters (gate and up kept apart, so a LoRA on each is
+                           one LoRA per published per-expert Linear) and run as grouped
+                           matmuls; the checkpoint keeps one Linear triple per expert
     lm_head
 
 Placeholder layout per image (what `image_features` returns, row by row): local tiles
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2TextConfig
@@ -97,29 +99,120 @@ class ClipOverSam(nn.Module):
         return self.transformer(self.pre_layrnorm(self.embeddings(sam_features)))
 
 
+def grouped_mm_kernel(weight: torch.Tensor):
+    """torch's grouped matmul for `weight`'s experts when it runs as one device kernel, else None.
+
+    That is CUDA in bf16 with both widths a multiple of 8 (the kernel's 16-byte alignment):
+    the grouped GEMM reads the group offsets on the device, so no host sync. (On a GPU that
+    torch has no such kernel for, it falls back to its own per-group loop: still correct.) In
+    other dtypes torch's grouped_mm is that loop, with the offsets copied to the host, and on
+    the CPU a kernel slower than padded bmm, so `padded_experts` runs instead."""
+    if not (weight.is_cuda and weight.dtype == torch.bfloat16 and weight.shape[-1] % 8 == 0
+            and weight.shape[-2] % 8 == 0):
+        return None
+    if hasattr(F, "grouped_mm"):  # torch >= 2.10
+        return F.grouped_mm
+    if hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(weight.device)[0] == 9:
+        return torch._grouped_mm  # torch 2.8/2.9: Hopper only
+    return None
+
+
+def grouped_experts(rows, expert_ids, counts, gate, up, down, act, kernel=None) -> torch.Tensor:
+    """Every expert's MLP on its rows, three grouped matmuls in all.
+
+    rows [S, hidden] sorted by expert (`expert_ids`, ascending), `counts` [experts] rows per
+    expert; weights (experts, out, in). Returns [S, hidden] in the rows' order. The offsets
+    alone place the rows, so `expert_ids` is unused here (both kernels take the same
+    arguments). `kernel`: torch's grouped_mm (default: the one `grouped_mm_kernel` picks, else
+    torch._grouped_mm, which is how the tests run this path on the CPU)."""
+    mm = kernel or grouped_mm_kernel(gate) or torch._grouped_mm
+    offs = counts.cumsum(0).to(torch.int32)  # group ends, computed and read on the device
+    x = rows.to(gate.dtype)  # grouped_mm does not autocast
+    h = act(mm(x, gate.transpose(-2, -1), offs=offs)) * mm(x, up.transpose(-2, -1), offs=offs)
+    return mm(h, down.transpose(-2, -1), offs=offs)
+
+
+def padded_experts(rows, expert_ids, counts, gate, up, down, act) -> torch.Tensor:
+    """As `grouped_experts`, as three batched matmuls over a [experts, capacity, hidden] tensor
+    that holds each expert's rows, zero-padded to the busiest expert's count.
+
+    The capacity is read on the host: free on the CPU, where this runs. Padding rows are zero,
+    stay zero through the MLP (act(0) * 0) and are never read back. Experts that got no row are
+    left out, so a decoding step reads the weights of the few experts it uses, not all."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, down.shape[1])
+    used = counts > 0
+    if not bool(used.all()):
+        keep = used.nonzero().squeeze(1)
+        gate, up, down, counts = gate[keep], up[keep], down[keep], counts[keep]
+        expert_ids = (used.cumsum(0) - 1)[expert_ids]  # renumbered among the kept experts
+    n, cap = counts.shape[0], int(counts.max())
+    start = counts.cumsum(0) - counts
+    slot = expert_ids * cap + torch.arange(rows.shape[0], device=rows.device) - start[expert_ids]
+    rows = rows.to(gate.dtype)  # as grouped_experts (under autocast bmm would cast anyway)
+    x = rows.new_zeros(n * cap, rows.shape[1]).index_copy(0, slot, rows).view(n, cap, -1)
+    h = act(torch.bmm(x, gate.transpose(1, 2))) * torch.bmm(x, up.transpose(1, 2))
+    return torch.bmm(h, down.transpose(1, 2)).flatten(0, 1)[slot]
+
+
+class RoutedExperts(nn.Module):
+    """One MoE layer's routed experts as three stacked parameters laid out (experts, out, in),
+    as transformers stores OCR-2's, but with gate and up apart: PEFT's target_parameters then
+    puts one LoRA on each expert's gate, up and down, exactly the per-expert LoRA of the
+    published per-expert Linears (checkpoint.py stacks them at load and splits them at save).
+
+    PEFT wraps this module and swaps in W + BA while it runs, so the weights are read here,
+    inside forward, and nowhere else."""
+
+    def __init__(self, config: DeepseekOcr2TextConfig):
+        super().__init__()
+        n, inter, hidden = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+        # Initialised here (a no-op on the meta device): the weight init that reaches modules
+        # inside the decoder is transformers' DeepseekOcr2TextModel's, which does not know this
+        # class, as it knew the per-expert Linears.
+        for weight in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(weight, 0.0, config.initializer_range)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """hidden [tokens, hidden]; chosen and weights [tokens, top_k] (the router's) ->
+        [tokens, hidden]: per token, the sum of weight x expert(hidden) over its chosen experts."""
+        tokens, top_k = chosen.shape
+        flat = chosen.reshape(-1)
+        # Sorted by expert, each expert's rows in token order; counted with a scatter, which
+        # (unlike bincount on CUDA) needs no host read.
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        kernel = grouped_mm_kernel(self.gate_proj)
+        args = (hidden[order // top_k], flat[order], counts, self.gate_proj, self.up_proj, self.down_proj, self.act_fn)
+        y = grouped_experts(*args, kernel=kernel) if kernel is not None else padded_experts(*args)
+        # As before: the routing weight (fp32 from the router) is cast to the hidden dtype and
+        # scales the expert's output.
+        y = y.to(hidden.dtype) * weights.reshape(-1)[order, None].to(hidden.dtype)
+        # Back to (token, slot) order: a scatter of distinct rows forward, a gather backward.
+        out = torch.zeros_like(y).index_copy(0, order, y)
+        return out.view(tokens, top_k, -1).sum(1)
+
+
 class RoutedExpertsMoe(nn.Module):
-    """DeepSeek-V2 MoE with one gate/up/down Linear per routed expert, as published."""
+    """DeepSeek-V2 MoE: top-k router, routed experts (grouped), shared experts."""
 
     def __init__(self, config: DeepseekOcr2TextConfig):
         super().__init__()
         self.gate = DeepseekOcr2TextTopkRouter(config)
-        self.experts = nn.ModuleList(
-            [DeepseekOcr2TextMLP(config, intermediate_size=config.moe_intermediate_size)
-             for _ in range(config.n_routed_experts)])
+        self.experts = RoutedExperts(config)
         self.shared_experts = DeepseekOcr2TextMLP(
             config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         _, weights, chosen = self.gate(hidden_states)
-        flat = hidden_states.reshape(-1, shape[-1])
-        out = torch.zeros_like(flat)
-        # Only the experts some token chose run, each on its tokens alone.
-        for e in torch.unique(chosen).tolist():
-            token, slot = torch.where(chosen == e)
-            y = self.experts[e](flat[token]) * weights[token, slot, None].to(flat.dtype)
-            out.index_add_(0, token, y)
-        return out.reshape(shape) + self.shared_experts(hidden_states)
+        routed = self.experts(hidden_states.reshape(-1, shape[-1]), chosen, weights)
+        return routed.reshape(shape) + self.shared_experts(hidden_states)
 
 
 class DeepseekOcrModel(nn.Module):
