@@ -28,7 +28,11 @@ class EndpointError(OcrtuneError, RuntimeError):
 
 
 def instruction(prompt: str) -> str:
-    """The text a chat API receives for an ocrtune prompt: the placeholder is the image part."""
+    """The text a chat API receives for an ocrtune prompt: the placeholder is the image part.
+    A server puts the image (and its newline) first, so a leading `<image>\n` is dropped and the
+    rest is sent verbatim: OCR-2's official prompt ends in a space that changes its token ids."""
+    if prompt.startswith("<image>\n"):
+        return prompt[len("<image>\n"):]
     return prompt.replace("<image>", "").strip()
 
 

@@ -139,3 +139,13 @@ def test_requests_arriving_together_are_batched():
     alone = generate_pages(engine.model, engine.builder(engine.default_prompt), [("0", render_line("page 2"))], 1, 6,
                            guard=engine.guard)
     assert alone[0].text == answers[2]
+
+
+def test_endpoint_instruction_keeps_the_prompt_verbatim_after_the_image():
+    from finetune.endpoint import instruction
+
+    # the server puts the image and its newline first; a trailing space (OCR-2's official
+    # prompt) changes the token ids, so it is kept
+    assert instruction("<image>\nFree OCR. ") == "Free OCR. "
+    assert instruction("<image>\n<|grounding|>Convert the document to markdown.") == \
+        "<|grounding|>Convert the document to markdown."
