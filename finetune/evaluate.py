@@ -131,7 +131,7 @@ def evaluate(
 
     from data_prep.build import is_dataset_dir, read_dataset_info
     from finetune.endpoint import run_endpoint
-    from finetune.generate import Generation, generate_pages
+    from finetune.generate import Generation, folded_lora, generate_pages
     from finetune.html_report import write_html
     from finetune.plots import plot_cer_histogram, plot_sample_cer
     from finetune.report import write_predictions, write_report
@@ -218,11 +218,11 @@ def evaluate(
             new = vllm.generate(_Subset(pages, todo), builder, max_new_tokens, adapted=system == "adapted")
             record(list(enumerate(new)))
             bar.update(len(new))
-        elif todo and system == "base" and adapter is not None:
-            with model.disable_adapter():
-                new = generate_pages(*args)
         elif todo:
-            new = generate_pages(*args)
+            # Base (adapter left out) or adapted (merged), decoded without LoRA layers. Nothing
+            # decodes with the adapter after its system, so no exact copy of the weights is kept.
+            with folded_lora(model, adapted=system == "adapted", exact_restore=False):
+                new = generate_pages(*args)
         else:
             new = []
         bar.close()

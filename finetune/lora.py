@@ -287,6 +287,8 @@ def _adapter_param(params: dict, native_key: str, adapter_name: str):
     """The model parameter an adapter tensor (PEFT key in ocrtune's names) loads into: LoRA
     tensors sit under the adapter's name, modules trained in full (train_projector) under
     modules_to_save.<name>; None if there is none."""
+    if native_key.endswith(".lora_magnitude_vector"):  # DoRA: saved without PEFT's inner ".weight"
+        return params.get(f"{native_key}.{adapter_name}.weight")
     stem, _, leaf = native_key.rpartition(".")
     return params.get(f"{stem}.{adapter_name}.{leaf}", params.get(f"{stem}.modules_to_save.{adapter_name}.{leaf}"))
 

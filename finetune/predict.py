@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 from data_prep.images import IMAGE_EXTENSIONS, DEFAULT_MAX_PIXELS, ImageError, open_image
@@ -79,7 +80,7 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
     from tqdm.auto import tqdm
 
     from data_prep.atomic import write_text_atomic
-    from finetune.generate import generate_pages
+    from finetune.generate import folded_lora, generate_pages
     from finetune.runtime import load_for_inference
 
     output = Path(output)
@@ -104,25 +105,27 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
                "max_new_tokens": max_new_tokens, "repetition_guard": inf.guard.describe(), "dpi": dpi,
                "grounding": "kept" if keep_grounding else "stripped", "files": 0, "pages": 0,
                "hit_max_tokens": [], "failed": []}
-    for file, rel in tqdm(files, desc="predict", unit="file", disable=not progress):
-        try:
-            pages = _pages(file, dpi, max_pixels)
-        except (ImageError, ValueError, OSError) as exc:
-            summary["failed"].append({"file": str(file), "reason": str(exc)})
-            continue
-        texts = []
-        for start in range(0, len(pages), batch_size):  # a long PDF never holds more than a batch in the model
-            chunk = pages[start:start + batch_size]
-            if vllm is not None:
-                gens = vllm.generate(chunk, builder, max_new_tokens, adapted=adapter is not None)
-            else:
-                gens = generate_pages(inf.model, builder, chunk, batch_size, max_new_tokens, guard=inf.guard)
-            for (pid, _), g in zip(chunk, gens):
-                texts.append(g.text if keep_grounding else strip_grounding(g.text))
-                if g.hit_max_tokens:
-                    summary["hit_max_tokens"].append(pid)
-        write_text_atomic(output / rel.with_suffix(".md"), PAGE_BREAK.join(t.strip() for t in texts) + "\n")
-        summary["files"] += 1
-        summary["pages"] += len(pages)
+    # The adapter merged once for the whole run: every page decodes without LoRA layers.
+    with folded_lora(inf.model, adapted=True, exact_restore=False) if inf.model is not None else nullcontext():
+        for file, rel in tqdm(files, desc="predict", unit="file", disable=not progress):
+            try:
+                pages = _pages(file, dpi, max_pixels)
+            except (ImageError, ValueError, OSError) as exc:
+                summary["failed"].append({"file": str(file), "reason": str(exc)})
+                continue
+            texts = []
+            for start in range(0, len(pages), batch_size):  # a long PDF never holds more than a batch in the model
+                chunk = pages[start:start + batch_size]
+                if vllm is not None:
+                    gens = vllm.generate(chunk, builder, max_new_tokens, adapted=adapter is not None)
+                else:
+                    gens = generate_pages(inf.model, builder, chunk, batch_size, max_new_tokens, guard=inf.guard)
+                for (pid, _), g in zip(chunk, gens):
+                    texts.append(g.text if keep_grounding else strip_grounding(g.text))
+                    if g.hit_max_tokens:
+                        summary["hit_max_tokens"].append(pid)
+            write_text_atomic(output / rel.with_suffix(".md"), PAGE_BREAK.join(t.strip() for t in texts) + "\n")
+            summary["files"] += 1
+            summary["pages"] += len(pages)
     write_text_atomic(output / "predict_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -8,6 +8,7 @@ sharded over processes and gathered, like eval.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,9 @@ def validate(model, unwrapped, builder, rows, batch_size: int, max_new_tokens: i
     """`model`: the prepared (maybe DDP) model for the loss; `unwrapped`: the module that
     generates. `rows`: a datasets split (id, image, markdown). `loss_fn(model, batch)` is
     train's token_loss_sum with its chunking bound."""
-    from accelerate.utils import gather_object
+    from accelerate.utils import DistributedType, gather_object
 
-    from finetune.generate import generate_pages
+    from finetune.generate import folded_lora, generate_pages
     from finetune.metrics import HEADLINE, corpus_cer, edit_counts
     from finetune.sequence import IGNORE_INDEX
 
@@ -49,8 +50,16 @@ def validate(model, unwrapped, builder, rows, batch_size: int, max_new_tokens: i
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss_sum += float(loss_fn(model, batch))
         tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    gens = generate_pages(unwrapped, builder, pages, batch_size, max_new_tokens,
-                          [builder.count_target_tokens(r) for r in references], guard=guard) if pages else []
+    gens = []
+    if pages:
+        # The adapter merged for decoding (no LoRA matmuls per step), and every weight restored
+        # bit for bit after, so training continues exactly as it would have. Under FSDP and
+        # DeepSpeed the weights may be sharded (a merge would see one shard): those decode
+        # through the wrappers, as before.
+        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        with contextlib.nullcontext() if sharded else folded_lora(unwrapped, adapted=True, exact_restore=True):
+            gens = generate_pages(unwrapped, builder, pages, batch_size, max_new_tokens,
+                                  [builder.count_target_tokens(r) for r in references], guard=guard)
     pairs = gather_object([(references[i], gens[i].text) for i in range(len(pages))])
     totals = gather_object([(loss_sum, tokens)])
     if was_training:

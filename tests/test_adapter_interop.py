@@ -268,3 +268,25 @@ def test_expert_tensors_for_a_missing_layer_are_refused_by_name(ocr2_base, tmp_p
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: LoRA tensors for model\.layers\.9\.mlp\.experts: "
                                          r"no routed-expert module of that name"):
         load_adapter(copy.deepcopy(model), folder, "adapted", OCR2)
+
+
+@pytest.mark.parametrize("family_name", ["v1", "ocr2"])
+def test_dora_adapter_loads_back(v1_base, ocr2_base, tmp_path, family_name):
+    """DoRA's magnitude vectors are saved without PEFT's inner `.weight`; the verified load must
+    still find them (it refused every DoRA adapter before)."""
+    from finetune.compat import get_peft_model
+
+    family, (model, processor) = (V1, v1_base) if family_name == "v1" else (OCR2, ocr2_base)
+    peft_model = get_peft_model(copy.deepcopy(model), lora_config(resolve_targets(model, "attention", family.LAYOUT),
+                                                                   r=4, alpha=8, dropout=0.0, use_dora=True))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    save_adapter(peft_model, tmp_path / "a", family)
+    assert any(k.endswith(".lora_magnitude_vector") for k in load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    batch = _inputs(model, processor, family, "base")
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        got = load_adapter(copy.deepcopy(model), tmp_path / "a", "adapted", family)(**batch).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)

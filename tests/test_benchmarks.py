@@ -1,6 +1,7 @@
 """The benchmark scripts keep running (numbers are recorded in BENCHMARKS.md, not asserted)."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -47,3 +48,38 @@ def test_v1_full_size_benchmark_runs_at_tiny_size():
     # 4 x 5 + 1 + (3 x 2 + 1) x (3 x 3) = 84 placeholder ids.
     assert r["placeholder_ids_per_page"] == 84
     assert len(r["train_step_s"]) == 3 and r["generate_new_tokens"] == [4, 4]
+
+
+@pytest.mark.integration  # training runs in subprocesses
+def test_train_throughput_benchmark_runs_both_loops_on_the_same_batches(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "rows.json"
+    module.main(["--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+                 "--answer-tokens", "24", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["family"], r["mode"], r["impl"]) for r in rows] == [
+        ("v1", "base", "ocrtune"), ("v1", "gundam", "ocrtune"), ("ocr2", "base", "baseline"),
+        ("ocr2", "base", "ocrtune"), ("ocr2", "gundam", "baseline"), ("ocr2", "gundam", "ocrtune")]
+    assert [r.get("error") for r in rows] == [None] * 6
+    assert all(r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["peak_mem_kind"] == "cpu_peak_rss_delta"
+               and r["device"] == "cpu" for r in rows)
+    for mode in ("base", "gundam"):  # same modules adapted, same first batch through the same layout
+        baseline, ours = [r for r in rows if r["family"] == "ocr2" and r["mode"] == mode]
+        assert baseline["trainable_params"] == ours["trainable_params"]
+        assert abs(baseline["first_loss"] - ours["first_loss"]) < 1e-4
+        assert baseline["sequence_tokens"] == ours["sequence_tokens"]
+    assert next(r for r in rows if r["mode"] == "gundam")["sequence_tokens"] > rows[0]["sequence_tokens"]  # tiles
+
+
+@pytest.mark.integration  # generation runs
+def test_merged_generation_benchmark_runs_and_outputs_match():
+    spec = importlib.util.spec_from_file_location("merged_generation", REPO / "benchmarks" / "merged_generation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--lines", "--pages", "2", "--batch-size", "2", "--new-tokens", "4", "--repeats", "1",
+                        "--static-cache"])
+    assert [r["label"] for r in rows] == ["v1", "ocr2"]
+    assert all(r["identical_token_ids"] and r["static_identical_token_ids"] for r in rows)
+    assert all(r[k]["tokens_per_s"] > 0 for r in rows for k in ("wrapped", "folded", "folded_static"))
