@@ -194,6 +194,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     gathered = accelerator.get_state_dict(model) if sharded else None
     summary = _summary(state, t, accelerator.num_processes, meta, output_dir, len(keep), dropped, checkpointing,
                        feature_cache, ledger)
+    summary["experts_implementation"] = family.experts_implementation(unwrapped)
     saved_dir = _finish(accelerator, unwrapped, gathered, summary, output_dir, full, processor,
                         family, meta, state.step, bool(cfg.report_to))
     return TrainResult(output_dir, saved_dir, summary, unwrapped)

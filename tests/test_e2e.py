@@ -81,6 +81,7 @@ def test_train_writes_adapter_config_and_metrics(loop):
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["ledger"]["vision"]["trainable"] == 0 and summary["ledger"]["projector"]["trainable"] == 0
     assert summary["effective_batch"] == 4 and summary["train_samples"] == 47 - 12 - 4
+    assert summary["experts_implementation"] == "grouped_mm"  # transformers' choice for OCR-2's experts here
     assert "LoRA preset 'attention+mlp'" in loop["train"].stdout + loop["train"].stderr
 
 

@@ -49,6 +49,7 @@ def test_loop_trains_evaluates_and_publishes(loop):
     assert tree(work / "run/adapter") == ["adapter_config.json", "adapter_model.safetensors", "ocrtune_adapter.json"]
     summary = json.loads((work / "run/train_summary.json").read_text())
     assert summary["family"] == "deepseek_ocr" and summary["base_model"] == TINY_V1
+    assert summary["experts_implementation"] == "padded_bmm"  # on a CPU; grouped_mm on CUDA in bf16
     assert summary["ledger"]["vision"]["trainable"] == 0 and summary["ledger"]["projector"]["trainable"] == 0
     meta = json.loads((work / "run/adapter/ocrtune_adapter.json").read_text())
     assert meta["vision"]["mode"] == "gundam"  # the checkpoint's default mode, recorded with the adapter

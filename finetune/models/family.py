@@ -115,6 +115,11 @@ class ModelFamily(ABC):
                 return head + ours + rest[len(theirs):]
         return key
 
+    def experts_implementation(self, model) -> str | None:
+        """How `model`'s routed experts run on its device and dtype (recorded in
+        train_summary.json); None for a family without routed experts."""
+        return None
+
     def image_token_id(self, model_config) -> int:
         return int(model_config.image_token_id)
 

@@ -73,6 +73,16 @@ class DeepseekOcr(ModelFamily):
         head = "base_model.model."
         return head + from_official_key(key[len(head):]) if key.startswith(head) else from_official_key(key)
 
+    def experts_implementation(self, model) -> str | None:
+        """"grouped_mm" (torch's grouped GEMM: CUDA, bf16) or "padded_bmm" (elsewhere), as
+        modeling.RoutedExperts picks it for the weights' device and dtype."""
+        from finetune.models.deepseek_ocr.modeling import RoutedExperts, grouped_mm_kernel
+
+        experts = next((m for m in model.modules() if isinstance(m, RoutedExperts)), None)
+        if experts is None:
+            return None
+        return "grouped_mm" if grouped_mm_kernel(experts.gate_proj) is not None else "padded_bmm"
+
     def check_config(self, raw: dict, where: str) -> None:
         from finetune.models.deepseek_ocr.checkpoint import is_v1_config  # transformers' configs: imported on use
 

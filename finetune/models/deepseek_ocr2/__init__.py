@@ -79,6 +79,12 @@ class DeepseekOcr2(ModelFamily):
             )
         return model, processor
 
+    def experts_implementation(self, model) -> str | None:
+        """transformers' choice for the fused experts: "grouped_mm" where torch has a grouped
+        GEMM for the device (its default), else "eager"; a later `set_experts_implementation`
+        would show here too."""
+        return getattr(model.config.get_text_config(), "_experts_implementation", None)
+
     def load_processor(self, path):
         from transformers import AutoProcessor
 
