@@ -21,9 +21,10 @@ import torch
 from finetune.config import TrainSettings
 from finetune.errors import OcrtuneError
 
-# The first accelerate release with FSDP2 (`fsdp_version: 2`, DTensor state dicts, save_state
-# through torch.distributed.checkpoint).
-FSDP2_MIN_ACCELERATE = "1.6.0"
+# FSDP2 came in accelerate 1.6, but before 1.14 it left the LM head inside the root unit: the
+# chunked loss (finetune/loss.py), which calls the head outside the model's forward, then met
+# sharded weights. 1.14 gives the head its own unit, gathered whenever it runs. Tested: 1.14, 1.15.
+FSDP2_MIN_ACCELERATE = "1.14.0"
 DEEPSPEED_INSTALL = "pip install deepspeed"
 
 
