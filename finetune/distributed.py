@@ -5,18 +5,22 @@ How a run is launched picks the topology; the run config stays the same:
     python -m finetune.train RUN.yaml                                       one process
     torchrun --nproc_per_node N -m finetune.train RUN.yaml                   DDP
     accelerate launch --config_file configs/accelerate/fsdp.yaml -m finetune.train RUN.yaml   FSDP2
+    accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml -m finetune.train RUN.yaml   ZeRO-3
 
 accelerate reads the launch (its environment variables) when the Accelerator is built. This
-module builds it, makes FSDP2 real on CPU processes too (below), and refuses, with the reason
-and before any weight is loaded, what a topology cannot do.
+module builds it, makes FSDP2 and DeepSpeed real on CPU processes too (accelerate alone would
+quietly run both as plain DDP there), and refuses, with the reason and before any weight is
+loaded, what a topology cannot do.
+
+Under DeepSpeed the engine applies the optimizer step inside accelerate's backward of the last
+micro-batch, so a non-finite loss or gradient is reported (exit 2, as elsewhere) after that
+update instead of before it; the checkpoints written before it are untouched.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-
-import torch
 
 from finetune.config import TrainSettings
 from finetune.errors import OcrtuneError
@@ -40,20 +44,30 @@ def _launched_with(kind: str) -> bool:
 
 def make_accelerator(t: TrainSettings, report_to: list[str], on_gpu: bool):
     """The run's Accelerator, built once, first: it decides device, precision and process layout."""
+    import torch
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
+    # cpu=True without a GPU: accelerate then runs torchrun/accelerate-launch ranks
+    # as multi-CPU (gloo) instead of N independent single-process runs.
+    cpu = not on_gpu and not torch.backends.mps.is_available()
+    handlers = []
     if _launched_with("DEEPSPEED"):
-        _check_deepspeed(on_gpu)
+        _check_deepspeed()
+        if cpu:
+            # accelerate starts DeepSpeed only where it may use a device (cpu=False; with
+            # cpu=True it silently trains plain data parallel instead). Without a GPU DeepSpeed
+            # picks its own CPU accelerator, which runs ZeRO over gloo: the process group
+            # accelerate opens for it must be gloo as well.
+            cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
     if _launched_with("FSDP"):
         _check_fsdp_version()
     mixed = t.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(
-        # cpu=True without a GPU: accelerate then runs torchrun/accelerate-launch ranks
-        # as multi-CPU (gloo) instead of N independent single-process runs.
-        cpu=not on_gpu and not torch.backends.mps.is_available(),
+        cpu=cpu,
+        kwargs_handlers=handlers,
         mixed_precision=mixed,
         # sync_with_dataloader=False: an epoch boundary must not end an accumulation window
         # early, or the per-token normalisation in fit() would be wrong for that step.
@@ -65,17 +79,10 @@ def make_accelerator(t: TrainSettings, report_to: list[str], on_gpu: bool):
     return accelerator
 
 
-def _check_deepspeed(on_gpu: bool) -> None:
+def _check_deepspeed() -> None:
     if importlib.util.find_spec("deepspeed") is None:
-        raise TopologyError(f"the accelerate config selects DeepSpeed, which is not installed: {DEEPSPEED_INSTALL} "
-                            "(on a machine with GPUs and the CUDA toolkit), or pick another topology "
-                            "(configs/accelerate/multi_gpu.yaml, fsdp.yaml)")
-    if not on_gpu:
-        # accelerate starts DeepSpeed only on accelerator devices; on CPU processes it would
-        # quietly train plain data parallel while the user believes ZeRO shards the state.
-        raise TopologyError("the accelerate config selects DeepSpeed, but no GPU is visible: accelerate runs "
-                            "DeepSpeed on GPUs only. On CPU processes use configs/accelerate/fsdp_cpu.yaml "
-                            "(FSDP2, sharded the same way as ZeRO-3) or configs/accelerate/cpu.yaml")
+        raise TopologyError(f"the accelerate config selects DeepSpeed, which is not installed: {DEEPSPEED_INSTALL}, "
+                            "or pick another topology (configs/accelerate/multi_gpu.yaml, fsdp.yaml)")
 
 
 def _check_fsdp_version() -> None:
@@ -122,16 +129,34 @@ def sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def _check_deepspeed_config(ds: dict, t: TrainSettings) -> None:
+    gas = ds.get("gradient_accumulation_steps")
+    if gas not in (None, "auto", t.grad_accum):
+        raise TopologyError(f"train.grad_accum={t.grad_accum} but the DeepSpeed config says "
+                            f"gradient_accumulation_steps={gas}: make them equal")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return
+    if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        # Found out otherwise only after the last step, when the adapter cannot be written.
+        raise TopologyError("DeepSpeed ZeRO-3 without deepspeed_config.zero3_save_16bit_model: true: the adapter "
+                            "is gathered from the shards when training ends, which needs it "
+                            "(configs/accelerate/deepspeed_zero3.yaml sets it)")
+    if t.loss_chunk_tokens:
+        # The chunked loss runs the LM head outside the model's forward and recomputes it in
+        # backward, where ZeRO-3 has partitioned its weight again: the recomputation differs.
+        raise TopologyError(f"train.loss_chunk_tokens={t.loss_chunk_tokens}: the chunked loss does not work under "
+                            "DeepSpeed ZeRO-3 (the LM head's weight is partitioned again when the chunk is "
+                            "recomputed); set train.loss_chunk_tokens=0, or use ZeRO-2 or FSDP (fsdp.yaml)")
+
+
 def check_topology(accelerator, t: TrainSettings, validation_every: int) -> bool:
     """Refuse what the process layout cannot do; returns whether weights are sharded."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
-        gas = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
-        if gas not in (None, "auto", t.grad_accum):
-            raise TopologyError(f"train.grad_accum={t.grad_accum} but the DeepSpeed config says "
-                                f"gradient_accumulation_steps={gas}: make them equal")
+        _check_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, t)
     if not sharded(accelerator):
         return False
     if validation_every:
