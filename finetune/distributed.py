@@ -150,7 +150,7 @@ def _check_deepspeed_config(ds: dict, t: TrainSettings) -> None:
                             "recomputed); set train.loss_chunk_tokens=0, or use ZeRO-2 or FSDP (fsdp.yaml)")
 
 
-def check_topology(accelerator, t: TrainSettings, validation_every: int) -> bool:
+def check_topology(accelerator, t: TrainSettings, validation_every: int, quantization: str) -> bool:
     """Refuse what the process layout cannot do; returns whether weights are sharded."""
     from accelerate.utils import DistributedType
 
@@ -167,6 +167,11 @@ def check_topology(accelerator, t: TrainSettings, validation_every: int) -> bool
                             f"supported under {kind.value} (processes decode pages of different lengths, and "
                             "every forward of a sharded model needs all of them); set validation.every_steps=0 "
                             "and evaluate the adapter or checkpoints with `ocrtune eval`, or train with DDP")
+    if quantization != "none":
+        # accelerate's FSDP2 path leaves integer 4-bit weights out of the shards, and neither FSDP
+        # nor DeepSpeed has been run with them here: refused rather than half-working.
+        raise TopologyError(f"model.quantization {quantization}: QLoRA is not supported under {kind.value}; "
+                            "train it on one GPU or with DDP (configs/accelerate/multi_gpu.yaml)")
     if t.cache_vision_features:
         # The cache runs the vision tower outside the model's forward, where sharded weights
         # are not gathered.

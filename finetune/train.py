@@ -135,7 +135,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     accelerator = make_accelerator(t, cfg.report_to, on_gpu)
     set_seed(t.seed)
     main, say = accelerator.is_main_process, accelerator.print
-    sharded = check_topology(accelerator, t, v.every_steps)
+    sharded = check_topology(accelerator, t, v.every_steps, cfg.model.quantization)
 
     # --- Data ------------------------------------------------------------------------------
     data_path, train_split, val_rows, prompt = _load_data(cfg.data, v)
@@ -230,11 +230,16 @@ def _load_model(model_cfg: ModelConfig, vision_cfg: VisionConfig, prompt: str, o
     """(resolved name, model, processor, vision settings, sequence builder); the model as loaded."""
     from finetune.models import load_model
     from finetune.models.family import VisionModeError
+    from finetune.quantize import check_available, quantize_decoder
     from finetune.runtime import resolve_dtype
     from finetune.sequence import builder_for
 
+    if model_cfg.quantization == "nf4":
+        check_available(on_gpu)
     resolved, model, processor = load_model(model_cfg.name, dtype=resolve_dtype(model_cfg.dtype, on_gpu))
     family = resolved.family
+    if model_cfg.quantization == "nf4":  # before LoRA wraps the Linears it quantizes
+        quantize_decoder(model, family.LAYOUT.decoder_layers, model.dtype)
     try:  # the config's vision section -> processor settings, in the family's one step
         vision = family.vision_settings(processor, vision_cfg.mode, vision_cfg.crop_to_patches, vision_cfg.min_tiles,
                                         vision_cfg.max_tiles)
