@@ -197,6 +197,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     summary = _summary(state, t, accelerator.num_processes, meta, output_dir, len(keep), dropped, checkpointing,
                        feature_cache, ledger)
     summary["topology"] = accelerator.distributed_type.value  # NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
+    summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated() if on_gpu else None  # this process's
     saved_dir = _finish(accelerator, unwrapped, gathered, summary, output_dir, full, processor,
                         family, meta, state.step, bool(cfg.report_to))
     return TrainResult(output_dir, saved_dir, summary, unwrapped)

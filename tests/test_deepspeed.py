@@ -113,3 +113,31 @@ def test_zero3_refuses_the_chunked_loss(tiny_dataset, tmp_path):
     done = _run(_zero(3, tiny_dataset, tmp_path / "run", "train.loss_chunk_tokens=64"))
     assert done.returncode == 1  # torchrun's exit when a worker fails; the worker exits 2
     assert "train.loss_chunk_tokens=64: the chunked loss does not work under DeepSpeed ZeRO-3" in done.stderr
+
+
+GPU_SCRIPT = REPO / "benchmarks/gpu_deepspeed.sh"
+
+
+def test_gpu_script_parses_its_arguments(tmp_path):
+    assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)]).returncode == 0
+    shown = subprocess.run(["bash", str(GPU_SCRIPT), "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "bash benchmarks/gpu_deepspeed.sh OUT_DIR --sizes tiny" in shown.stdout
+    for bad, message in ((["--sizes", "huge"], "--sizes: tiny and/or full, not huge"),
+                         (["--stages", "1"], "--stages: 2 and/or 3, not 1"), (["--fast"], "unknown option --fast")):
+        done = subprocess.run(["bash", str(GPU_SCRIPT), str(tmp_path / "out"), *bad], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (HAVE_DEEPSPEED and importlib.util.find_spec("bitsandbytes")),
+                    reason="needs deepspeed and bitsandbytes (pip install deepspeed bitsandbytes)")
+def test_gpu_script_tiny_path_runs_here(tmp_path):
+    """The GPU script's own checks at tiny size on this CPU: ZeRO-2 and ZeRO-3 resume bit-identically,
+    the nf4 adapter loads on the unquantized base."""
+    done = subprocess.run(["bash", str(GPU_SCRIPT), str(tmp_path), "--sizes", "tiny"], cwd=REPO,
+                          env={**train_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["check"], r["size"]) for r in rows] == [("zero2", "tiny"), ("zero3", "tiny"), ("qlora", "tiny")]
+    assert all(r["resumed_bit_identical"] for r in rows[:2])
+    assert rows[2]["nf4_adapter_loads_on_unquantized_base"] is True
