@@ -27,9 +27,10 @@ class ConfigError(OcrtuneError, ValueError):
 class ModelConfig:
     name: str = ""  # builtin:NAME, a local checkpoint dir, or a Hub id (required)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    # QLoRA: nf4 stores the decoder's frozen Linear weights in 4 bits (bitsandbytes), about a
-    # quarter of their bf16 memory; vision, projector and LM head stay as loaded, and the
-    # adapter is the same format (it loads on the unquantized base). finetune/quantize.py.
+    # QLoRA: nf4 stores the decoder's frozen Linear weights (attention, dense MLP, shared
+    # experts) in 4 bits (bitsandbytes), about a quarter of their bf16 memory. The routed
+    # experts (stacked 3-D parameters, most of an MoE decoder's weights), vision, projector and
+    # LM head stay as loaded; the adapter is the same format. finetune/quantize.py.
     quantization: Literal["none", "nf4"] = "none"
 
 

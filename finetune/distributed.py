@@ -172,9 +172,4 @@ def check_topology(accelerator, t: TrainSettings, validation_every: int, quantiz
         # nor DeepSpeed has been run with them here: refused rather than half-working.
         raise TopologyError(f"model.quantization {quantization}: QLoRA is not supported under {kind.value}; "
                             "train it on one GPU or with DDP (configs/accelerate/multi_gpu.yaml)")
-    if t.cache_vision_features:
-        # The cache runs the vision tower outside the model's forward, where sharded weights
-        # are not gathered.
-        raise TopologyError(f"train.cache_vision_features: not supported under {kind.value} (the cache runs the "
-                            "vision tower outside the sharded model's forward); set it to false or train with DDP")
-    return True
+    return True  # train.cache_vision_features refuses sharded weights itself (finetune/feature_cache.py)

@@ -3,11 +3,11 @@
     model:
       quantization: nf4
 
-Every nn.Linear inside the decoder layers (attention, dense MLP, shared experts and, on v1, the
-routed experts, which are Linears there) becomes a bitsandbytes Linear4bit holding its weight
-in NF4 with one scale per 64 weights; matmuls run in the model's dtype on the dequantized
-weight. Nothing else changes: the vision tower, the projector, embeddings, the MoE router (not
-a Linear), OCR-2's fused expert parameters and the LM head stay as loaded. LoRA's A and B stay
+Every nn.Linear inside the decoder layers (attention, dense MLP, shared experts) becomes a
+bitsandbytes Linear4bit holding its weight in NF4 with one scale per 64 weights; matmuls run
+in the model's dtype on the dequantized weight. Nothing else changes: the vision tower, the
+projector, embeddings, the MoE router (not a Linear), the routed experts (stacked 3-D
+parameters in both families, not Linears) and the LM head stay as loaded. LoRA's A and B stay
 in the model's dtype under the same module names, so the adapter file is the same format as
 without quantization and loads on the unquantized base (eval, export, vLLM).
 
