@@ -85,12 +85,15 @@ def _same_training(one, two):
     assert (summary["processes"], summary["topology"]) == (2, "FSDP")
 
 
-@pytest.mark.parametrize("model", [TINY, TINY_V1], ids=["ocr2", "v1"])
-def test_fsdp_lora_trains_like_one_process(tiny_dataset, tmp_path, model):
+@pytest.mark.parametrize("model, preset", [(TINY, "attention+mlp"), (TINY, "all"), (TINY_V1, "all")],
+                         ids=["ocr2", "ocr2-experts", "v1-experts"])
+def test_fsdp_lora_trains_like_one_process(tiny_dataset, tmp_path, model, preset):
+    """preset all adds LoRA on the routed experts (PEFT target_parameters on the stacked
+    expert tensors), which the adapter stores per expert from the gathered state."""
     one, two = tmp_path / "one", tmp_path / "fsdp"
-    done = _run(one_process(tiny_dataset, one, model, STEPS))
+    done = _run(one_process(tiny_dataset, one, model, STEPS, f"lora.preset={preset}"))
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _run(fsdp(tiny_dataset, two, model, STEPS))
+    done = _run(fsdp(tiny_dataset, two, model, STEPS, f"lora.preset={preset}"))
     assert done.returncode == 0, done.stderr[-3000:]
     _same_training(one, two)
     # Written once, whole, by the main process: one adapter folder, no staging folder left.
@@ -102,14 +105,15 @@ def test_fsdp_lora_trains_like_one_process(tiny_dataset, tmp_path, model):
     assert a.keys() == b.keys()
     for k in a:
         assert b[k].shape == a[k].shape and torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    _loads(model, two / "adapter", len(b))
+    _loads(model, two / "adapter", len(b), plain_peft=preset != "all")
 
 
-def _loads(model_name, adapter_dir, n_tensors):
-    """OCR-2: plain PEFT on transformers' class; v1: ocrtune's loader (it checks every tensor landed)."""
+def _loads(model_name, adapter_dir, n_tensors, plain_peft: bool):
+    """OCR-2 without expert LoRA: plain PEFT on transformers' class; otherwise ocrtune's loader
+    (it checks every tensor landed; plain PEFT skips per-expert pairs on fused experts)."""
     from finetune.models import load_model, resolve_model
 
-    if model_name == TINY_V1:
+    if model_name == TINY_V1 or not plain_peft:
         from finetune.lora import load_adapter
 
         resolved, base, _ = load_model(model_name)
