@@ -146,7 +146,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accele
                 _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
         except (OSError, RuntimeError) as exc:
             error = f"process {accelerator.process_index}: {exc}"
-    errors = list(dict.fromkeys(e for e in gather_object([error]) if e))  # every rank's file is on disk, or someone failed
+    # Every rank's files are on disk, or someone failed (each error once: all ranks may report the same).
+    errors = list(dict.fromkeys(e for e in gather_object([error]) if e))
     if errors:
         if accelerator.is_main_process:
             shutil.rmtree(target, ignore_errors=True)

@@ -119,7 +119,7 @@ def _fsdp_on_cpu_processes(accelerator) -> None:
         plugin.set_mixed_precision(accelerator.mixed_precision)  # what accelerate does for GPU ranks
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # the two states agree, as accelerate keeps them
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # both states agree, as accelerate keeps them
 
 
 def sharded(accelerator) -> bool:

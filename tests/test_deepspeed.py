@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import REPO, run_cli, step_sample_ids, train_env
+from tests.jobs import run_job
 
 pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
 
@@ -41,7 +42,7 @@ def _zero(stage: int, data, out, *extra) -> list[str]:
 
 
 def _run(args, env=None):
-    return subprocess.run(args, cwd=REPO, env=env or train_env(), capture_output=True, text=True, timeout=900)
+    return run_job(args, env=env)
 
 
 @pytest.mark.skipif(HAVE_DEEPSPEED, reason="checks the message for a machine without deepspeed")

@@ -16,7 +16,6 @@ are compared by how far they moved the weights: the difference is under 1e-3 of 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 
 from finetune.checkpoint import MARKER, step_dirs
 from tests.helpers import REPO, TINY, step_sample_ids, train_env
+from tests.jobs import kill_job, run_job
 
 
 def _old_accelerate() -> bool:
@@ -42,7 +42,7 @@ def _old_accelerate() -> bool:
 pytestmark = [
     pytest.mark.integration,  # CLI subprocesses, training and generation runs
     # CI's lowest-versions pass: train refuses FSDP there, naming the version (finetune/distributed.py)
-    pytest.mark.skipif(_old_accelerate(), reason="FSDP2 needs a newer accelerate (finetune.distributed.FSDP2_MIN_ACCELERATE)"),
+    pytest.mark.skipif(_old_accelerate(), reason="FSDP needs a newer accelerate (distributed.FSDP2_MIN_ACCELERATE)"),
 ]
 
 TINY_V1 = "builtin:tiny-random-deepseek-ocr"
@@ -66,8 +66,7 @@ def fsdp(data, out, model, steps, *extra) -> list[str]:
             *_train(data, out, model, steps, "train.batch_size=1", *extra)]
 
 
-def _run(args):
-    return subprocess.run(args, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900)
+_run = run_job
 
 
 def _records(out):
@@ -187,21 +186,6 @@ def test_fsdp_checkpoints_are_sharded_per_process_with_marker_and_rotation(unint
     assert (state["step"], state["processes"], state["sharded"]) == (6, 2, True)
 
 
-def _kill_job(proc):
-    """SIGKILL the launcher and every worker, as a dying machine would (torchrun starts each
-    worker in its own session, so killing the launcher's process group would miss them)."""
-    import psutil
-
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    for p in [*workers, psutil.Process(proc.pid)]:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    psutil.wait_procs(workers, timeout=30)
-
-
 def test_fsdp_sigkill_then_resume_is_bit_identical(tiny_dataset, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
     args = fsdp(tiny_dataset, killed, TINY, CKPT_STEPS, *CKPT)
@@ -210,7 +194,7 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(tiny_dataset, uninterrupted, 
     while time.time() < deadline and not (killed / "checkpoints/step-000002" / MARKER).is_file():
         assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.02)
-    _kill_job(proc)
+    kill_job(proc)  # the launcher and both workers, as a dying machine
     assert not (killed / "adapter").exists()
     # a checkpoint torn mid-write (no marker) is newer than every complete one: it must be ignored
     torn = killed / "checkpoints/step-000007"

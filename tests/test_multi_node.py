@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import REPO, step_sample_ids, train_env
+from tests.jobs import kill_job
 
 pytestmark = pytest.mark.integration  # CLI subprocesses, training and generation runs
 
@@ -44,7 +45,12 @@ def test_two_nodes_train_the_same_adapter_as_one_process(tiny_dataset, tmp_path)
                                *train, "train.batch_size=1", f"output_dir={tmp_path / 'two'}"],
                               cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600) for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:  # a node that did not finish: it and its worker go
+                kill_job(node)
     for node, (_, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-2000:]
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
@@ -54,4 +60,5 @@ def test_two_nodes_train_the_same_adapter_as_one_process(tiny_dataset, tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    assert [sorted(x) for x in step_sample_ids(tmp_path / "one")] == [sorted(x) for x in step_sample_ids(tmp_path / "two")]
+    one_ids, two_ids = step_sample_ids(tmp_path / "one"), step_sample_ids(tmp_path / "two")
+    assert [sorted(x) for x in one_ids] == [sorted(x) for x in two_ids]  # the same samples in every step
