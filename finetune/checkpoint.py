@@ -7,6 +7,13 @@
         trainer_state.json      step, micro-batches consumed, and the run's identity
         COMPLETE                written last; a folder without it is ignored and cleaned up
 
+Under FSDP and DeepSpeed the weights and optimizer state are sharded over the processes, and
+accelerate's own save_state/load_state write and read them: with FSDP2 (fsdp_state_dict_type
+SHARDED_STATE_DICT) that is `pytorch_model_fsdp_0/` and `optimizer_0/` (torch.distributed.checkpoint,
+one file per process each) and `random_states_{R}.pkl` (RNG of process R), in place of the
+first three files above. trainer_state.json, the marker and the rotation are the same. Such a
+checkpoint resumes with the number of processes that wrote it.
+
 Older checkpoints are removed only after a newer one is complete, so a crash (SIGKILL,
 power, disk full) at any moment leaves at least the previous complete checkpoint.
 """
@@ -64,6 +71,17 @@ def _fsync_write(path: Path, text: str) -> None:
     _synced(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`: accelerate's save_state writes without it, and the
+    marker must not reach the disk before the files it vouches for."""
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
@@ -93,8 +111,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accele
     from accelerate.utils import gather_object
     from safetensors.torch import save as safetensors_bytes
 
+    from finetune.distributed import sharded
+
     root = Path(root)
     target = root / f"step-{step:06d}"
+    state = {**state, "sharded": sharded(accelerator)}
     error = ""
     if accelerator.is_main_process:
         try:
@@ -102,8 +123,18 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accele
             target.mkdir(parents=True)
         except OSError as exc:
             error = f"{target}: {exc}"
-    accelerator.wait_for_everyone()
-    if not error:
+    # Every process learns whether the folder exists: a sharded save is a collective that all
+    # of them must enter, or none.
+    error = next((e for e in gather_object([error]) if e), "")
+    if not error and state["sharded"]:
+        try:
+            accelerator.save_state(str(target))  # every process: its shards of weights and optimizer, its RNG
+            _fsync_tree(target)
+            if accelerator.is_main_process:
+                _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
+        except (OSError, RuntimeError) as exc:
+            error = f"process {accelerator.process_index}: {exc}"
+    elif not error:
         try:
             _synced(target / f"rng-rank{accelerator.process_index}.pt", lambda fh: fh.write(_torch_bytes(_rng_state())))
             if accelerator.is_main_process:
@@ -115,7 +146,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accele
                 _fsync_write(target / "trainer_state.json", json.dumps(state, indent=2) + "\n")
         except (OSError, RuntimeError) as exc:
             error = f"process {accelerator.process_index}: {exc}"
-    errors = [e for e in gather_object([error]) if e]  # every rank's file is on disk, or someone failed
+    # Every rank's files are on disk, or someone failed (each error once: all ranks may report the same).
+    errors = list(dict.fromkeys(e for e in gather_object([error]) if e))
     if errors:
         if accelerator.is_main_process:
             shutil.rmtree(target, ignore_errors=True)
@@ -135,19 +167,51 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, accele
     return target
 
 
+def _layout(processes: int, is_sharded: bool) -> str:
+    return f"{processes} process{'es' if processes > 1 else ''}{' (sharded)' if is_sharded else ''}"
+
+
+def _same_layout(path: Path, state: dict, accelerator) -> None:
+    """A sharded checkpoint resumes only as it was written: each process restores its own shard
+    of weights and optimizer state, its own RNG and its own share of the data order. Refused
+    even with train.resume_force: the restored run could not be the one that was saved."""
+    from finetune.distributed import sharded
+
+    written, now = state["processes"], accelerator.num_processes
+    saved_sharded, now_sharded = state.get("sharded", False), sharded(accelerator)
+    if written != now or saved_sharded != now_sharded:
+        raise CheckpointError(
+            f"train.resume_from {path}: written by {_layout(written, saved_sharded)}, this run has "
+            f"{_layout(now, now_sharded)}. A sharded checkpoint (FSDP, DeepSpeed) resumes only with the topology "
+            f"and number of processes that wrote it: launch with the same accelerate config and "
+            f"--num_processes {written}")
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():  # accelerate's load_state would go on without it, silently
+        raise CheckpointError(f"{path}: no RNG state for process {accelerator.process_index} ({rng_file.name})")
+
+
 def load_checkpoint(path: Path, model, optimizer, accelerator, identity: dict, force: bool) -> dict:
     """Restore weights, optimizer and this process's RNG; returns trainer_state.json."""
     from safetensors.torch import load_file
+
+    from finetune.distributed import sharded
 
     path = Path(path)
     if not (path / MARKER).is_file():
         raise CheckpointError(f"train.resume_from {path}: not a complete checkpoint (no {MARKER} marker)")
     state = json.loads((path / "trainer_state.json").read_text())
+    written, now = state["processes"], accelerator.num_processes
+    if state.get("sharded", False) or sharded(accelerator):
+        _same_layout(path, state, accelerator)
     differing = sorted(k for k in set(identity) | set(state["run"]) if identity.get(k) != state["run"].get(k))
     if differing and not force:
+        sizes = f"; it was written by {written} processes, this run has {now}" if written != now else ""
         raise CheckpointError(
-            f"train.resume_from {path}: the checkpoint belongs to another run ({', '.join(differing)} differ); "
+            f"train.resume_from {path}: the checkpoint belongs to another run ({', '.join(differing)} differ{sizes}); "
             "set train.resume_force=true to resume anyway")
+    if state.get("sharded", False):
+        accelerator.load_state(str(path))  # weights, optimizer and this process's RNG, each from its shard
+        return state
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     if not rng_file.is_file():
         raise CheckpointError(f"{path}: no RNG state for process {accelerator.process_index} "

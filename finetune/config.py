@@ -27,6 +27,11 @@ class ConfigError(OcrtuneError, ValueError):
 class ModelConfig:
     name: str = ""  # builtin:NAME, a local checkpoint dir, or a Hub id (required)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    # QLoRA: nf4 stores the decoder's frozen Linear weights (attention, dense MLP, shared
+    # experts) in 4 bits (bitsandbytes), about a quarter of their bf16 memory. The routed
+    # experts (stacked 3-D parameters, most of an MoE decoder's weights), vision, projector and
+    # LM head stay as loaded; the adapter is the same format. finetune/quantize.py.
+    quantization: Literal["none", "nf4"] = "none"
 
 
 @dataclass
@@ -268,6 +273,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if cfg.lora.use_dora and cfg.lora.preset in ("all", "full"):
         raise ConfigError(f"{where}lora.use_dora: not available with lora.preset {cfg.lora.preset!r} "
                           "(PEFT has no DoRA for fused expert parameters); use attention or attention+mlp")
+    if cfg.model.quantization != "none" and cfg.lora.preset == "full":
+        raise ConfigError(f"{where}model.quantization {cfg.model.quantization}: lora.preset 'full' trains every "
+                          "weight, and 4-bit weights cannot train; use a LoRA preset or model.quantization=none")
     for knob in ("train_projector", "vision_lora"):
         if getattr(cfg.lora, knob) and cfg.lora.preset == "full":
             raise ConfigError(f"{where}lora.{knob}: lora.preset 'full' already trains every weight")

@@ -44,26 +44,34 @@ def wrappers(peft_model, adapter_name: str) -> dict[str, tuple[str, object]]:
     return found
 
 
-def _factors(wrapper, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [experts, r, in], B [experts, out, r]) of one wrapper, in PEFT's layout."""
+def _factors(wrapper, adapter_name: str, module_name: str = "", state_dict: dict | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [experts, r, in], B [experts, out, r]) of one wrapper, in PEFT's layout; read from
+    `state_dict` (the whole model's, gathered from sharded processes) when there is one: under
+    FSDP the module's own tensors are this process's shards."""
     if not wrapper._did_swap_in_out_features:
         raise InputError(f"expert parameter {wrapper.parameter_name}: laid out (experts, in, out); ocrtune stores "
                          "experts as (experts, out, in)")
     n, r = wrapper.num_experts, wrapper.r[adapter_name]
-    a = wrapper.lora_A[adapter_name].weight.detach()
-    b = wrapper.lora_B[adapter_name].weight.detach()
+    if state_dict is not None:
+        a = state_dict[f"{module_name}.lora_A.{adapter_name}.weight"]
+        b = state_dict[f"{module_name}.lora_B.{adapter_name}.weight"]
+    else:
+        a = wrapper.lora_A[adapter_name].weight.detach()
+        b = wrapper.lora_B[adapter_name].weight.detach()
     return a.reshape(n, r, a.shape[-1]), b.reshape(b.shape[0], r, n).permute(2, 0, 1)
 
 
-def to_disk(peft_model, adapter_name: str, family) -> tuple[set[str], dict[str, torch.Tensor]]:
+def to_disk(peft_model, adapter_name: str, family, state_dict: dict | None = None
+            ) -> tuple[set[str], dict[str, torch.Tensor]]:
     """(PEFT state-dict keys of the fused-expert LoRA tensors, the same LoRA as per-expert
-    tensors under the published names)."""
+    tensors under the published names). `state_dict`: as save_adapter's."""
     fused = dict(family.LAYOUT.fused_experts)
     drop, out = set(), {}
     for param, (module_name, wrapper) in wrappers(peft_model, adapter_name).items():
         owner, leaf = param.rsplit(".", 1)
         projections = fused[leaf]
-        a, b = _factors(wrapper, adapter_name)
+        a, b = _factors(wrapper, adapter_name, module_name, state_dict)
         rows = b.shape[1] // len(projections)
         published = family.published_module_name(owner)[0]
         for e in range(a.shape[0]):

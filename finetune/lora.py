@@ -102,9 +102,13 @@ def parameter_ledger(model: nn.Module, layout) -> dict[str, dict[str, int]]:
     ledger = {g: {"trainable": 0, "total": 0} for g in GROUPS}
     for name, p in model.named_parameters():
         row = ledger[group_of(name, layout)]
-        row["total"] += p.numel()
+        # A 4-bit weight (model.quantization nf4) is stored packed, two per byte: count the
+        # weights it holds, from the shape it was quantized from.
+        quant_state = getattr(p, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else p.numel()
+        row["total"] += n
         if p.requires_grad:
-            row["trainable"] += p.numel()
+            row["trainable"] += n
     ledger["total"] = {k: sum(ledger[g][k] for g in GROUPS) for k in ("trainable", "total")}
     return ledger
 
@@ -197,7 +201,7 @@ def save_adapter(peft_model, out_dir, family, state_dict=None) -> None:
                                state_dict=state_dict)
     path = f"{out_dir}/adapter_model.safetensors"
     tensors = load_file(path)
-    drop, per_expert = expert_lora.to_disk(peft_model, peft_model.active_adapter, family)
+    drop, per_expert = expert_lora.to_disk(peft_model, peft_model.active_adapter, family, state_dict)
     tensors = {family.adapter_key_to_disk(k): v.contiguous() for k, v in tensors.items() if k not in drop}
     save_file(tensors | per_expert, path, metadata={"format": "pt"})
     cfg_path = Path(out_dir) / "adapter_config.json"

@@ -29,6 +29,7 @@ import torch
 from finetune.compat import enable_activation_checkpointing, get_peft_model
 from finetune.config import (DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings, ValidationSettings,
                              VisionConfig, dump_yaml, load_config, to_dict)
+from finetune.distributed import check_topology, make_accelerator
 from finetune.errors import OcrtuneError, library_versions
 from finetune.feature_cache import open_cache
 from finetune.faults import SIGTERM_EXIT, StopRequested, StopSignal, nonfinite_message, oom_message
@@ -131,10 +132,10 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     full = cfg.lora.preset == FULL
     # --- Accelerator first: it decides device, precision and process layout. -------------
     on_gpu = torch.cuda.is_available()
-    accelerator = _accelerator(t, cfg.report_to, on_gpu)
+    accelerator = make_accelerator(t, cfg.report_to, on_gpu)
     set_seed(t.seed)
     main, say = accelerator.is_main_process, accelerator.print
-    sharded = _check_topology(accelerator, t)
+    sharded = check_topology(accelerator, t, v.every_steps, cfg.model.quantization)
 
     # --- Data ------------------------------------------------------------------------------
     data_path, train_split, val_rows, prompt = _load_data(cfg.data, v)
@@ -156,6 +157,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
     # --- prepare once ----------------------------------------------------------------------
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -195,47 +197,11 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     summary = _summary(state, t, accelerator.num_processes, meta, output_dir, len(keep), dropped, checkpointing,
                        feature_cache, ledger)
     summary["experts_implementation"] = family.experts_implementation(unwrapped)
+    summary["topology"] = accelerator.distributed_type.value  # NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
+    summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated() if on_gpu else None  # this process's
     saved_dir = _finish(accelerator, unwrapped, gathered, summary, output_dir, full, processor,
                         family, meta, state.step, bool(cfg.report_to))
     return TrainResult(output_dir, saved_dir, summary, unwrapped)
-
-
-def _accelerator(t: TrainSettings, report_to: list[str], on_gpu: bool):
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
-
-    mixed = t.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(
-        # cpu=True without a GPU: accelerate then runs torchrun/accelerate-launch ranks
-        # as multi-CPU (gloo) instead of N independent single-process runs.
-        cpu=not on_gpu and not torch.backends.mps.is_available(),
-        mixed_precision=mixed,
-        # sync_with_dataloader=False: an epoch boundary must not end an accumulation window
-        # early, or the per-token normalisation in fit() would be wrong for that step.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
-        log_with=report_to or None,
-    )
-
-
-def _check_topology(accelerator, t: TrainSettings) -> bool:
-    """Refuse what the process layout cannot do; returns whether weights are sharded."""
-    from accelerate.utils import DistributedType
-
-    # Under FSDP and DeepSpeed the weights and optimizer state may be sharded per process.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        gas = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
-        if gas not in (None, "auto", t.grad_accum):
-            raise TrainError(f"train.grad_accum={t.grad_accum} but the DeepSpeed config says "
-                             f"gradient_accumulation_steps={gas}: make them equal")
-    if sharded and (t.save_steps or t.resume_from):
-        raise TrainError(f"train.save_steps / train.resume_from: checkpoints under {accelerator.distributed_type.value} "
-                         "are not supported yet (the optimizer state is sharded per process); train with DDP "
-                         "(configs/accelerate/multi_gpu.yaml: LoRA on the 3B decoder fits 24 GB GPUs) or set "
-                         "train.save_steps=0")
-    return sharded
 
 
 def _load_data(data: DataConfig, v: ValidationSettings):
@@ -266,11 +232,16 @@ def _load_model(model_cfg: ModelConfig, vision_cfg: VisionConfig, prompt: str, o
     """(resolved name, model, processor, vision settings, sequence builder); the model as loaded."""
     from finetune.models import load_model
     from finetune.models.family import VisionModeError
+    from finetune.quantize import check_available, quantize_decoder
     from finetune.runtime import resolve_dtype
     from finetune.sequence import builder_for
 
+    if model_cfg.quantization == "nf4":
+        check_available(on_gpu)
     resolved, model, processor = load_model(model_cfg.name, dtype=resolve_dtype(model_cfg.dtype, on_gpu))
     family = resolved.family
+    if model_cfg.quantization == "nf4":  # before LoRA wraps the Linears it quantizes
+        quantize_decoder(model, family.LAYOUT.decoder_layers, model.dtype)
     try:  # the config's vision section -> processor settings, in the family's one step
         vision = family.vision_settings(processor, vision_cfg.mode, vision_cfg.crop_to_patches, vision_cfg.min_tiles,
                                         vision_cfg.max_tiles)

@@ -17,10 +17,13 @@ from pathlib import Path
 
 def validate_file(path: str | Path) -> tuple[bool, list[str]]:
     """(valid, lines to print) for one config file."""
+    import importlib.util
+
     import yaml
 
     from data_prep.build import is_dataset_dir
     from finetune.config import ConfigError, load_config
+    from finetune.distributed import DEEPSPEED_INSTALL
     from finetune.feature_cache import unsupported as unsupported_cache
     from finetune.models import ModelNameError, looks_like_hub_id, resolve_model
 
@@ -36,8 +39,12 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
             cfg = ClusterConfig.from_yaml_file(str(path))
         except (TypeError, ValueError) as exc:
             return False, [f"error {path}: not a valid accelerate config ({exc})"]
-        return True, [f"ok {path}: accelerate {cfg.distributed_type}, {cfg.num_processes} process(es), "
-                      f"{cfg.num_machines} machine(s), mixed precision {cfg.mixed_precision}"]
+        lines = [f"ok {path}: accelerate {cfg.distributed_type}, {cfg.num_processes} process(es), "
+                 f"{cfg.num_machines} machine(s), mixed precision {cfg.mixed_precision}"]
+        if cfg.distributed_type == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+            # Valid, and meant for another machine perhaps; but here `accelerate launch` stops on it.
+            lines.append(f"warning {path}: DeepSpeed is not installed here ({DEEPSPEED_INSTALL})")
+        return True, lines
     try:
         cfg = load_config(path)
     except ConfigError as exc:
