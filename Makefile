@@ -13,6 +13,9 @@ CONSTRAINTS ?=
 TORCH ?= torch==2.13.0
 DEMO_OUTPUT ?= runs/demo
 PYTEST_ARGS ?=
+# pyproject extras installed with ocrtune: `make test EXTRAS=test,deepspeed,qlora` also runs the
+# DeepSpeed and QLoRA tests, which skip without their packages (CI's second pass does this).
+EXTRAS ?= test
 
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := offline
@@ -29,7 +32,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH)
-	$(VENV)/bin/python -m pip install -q -e ".[test]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	$(VENV)/bin/python -m pip install -q -e ".[$(EXTRAS)]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	@$(VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|accelerate|datasets|huggingface.hub) "
 	touch $@
 
