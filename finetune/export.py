@@ -10,7 +10,8 @@ vLLM would reject or silently ignore (a trained projector, vision LoRA, DoRA, fu
 parameters), naming the tensors, and points to --merge.
 
 With --merge: base + adapter merged into one full checkpoint in the family's published layout
-(v1: the official deepseek_vl_v2 config.json and safetensors), with the base's other files
+(the deepseek_vl_v2 config.json and safetensors names of deepseek-ai/DeepSeek-OCR and
+deepseek-ai/DeepSeek-OCR-2, whatever layout the base was read from), with the base's other files
 (tokenizer, processor, code) copied unchanged; `--model DIR` and vLLM read it. Nothing is
 half-written: the output is built in a staging folder and renamed into place.
 """
@@ -130,7 +131,7 @@ def export_merged(adapter_dir: Path, output: Path, model: str | None = None, dty
     merged = load_adapter(base, adapter_dir, "default", resolved.family).merge_and_unload()
 
     def write(staging: Path) -> None:
-        merged.save_pretrained(str(staging))  # config.json + weights in the family's published layout
+        resolved.family.save_full(merged, staging)  # config.json + weights in the family's published layout
         # Everything else as the base has it, byte for byte: tokenizer and processor files
         # re-saved through another transformers release can lose settings (whether the
         # tokenizer adds BOS), and a published checkpoint's own code files let its loader

@@ -56,6 +56,10 @@ def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False)
             "",
             f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)",
         ]
+    # vLLM serves OCR-2 from the published checkpoint layout, which a merged export is in.
+    serve = ["", "Serve it with vLLM, merged into the base in DeepSeek-OCR-2's published layout:", "", "```bash",
+             f"ocrtune export ADAPTER_DIR --merge --output merged --model {base_model}", "vllm serve merged", "```"]
+    where = f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)"
     if per_expert:
         return [
             "This adapter trains the routed experts, stored one LoRA pair per expert as in the published "
@@ -65,8 +69,9 @@ def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False)
             "```bash",
             f"ocrtune predict --model {base_model} --adapter ADAPTER_DIR --input page.png --output out/",
             "```",
+            *serve,
             "",
-            f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)",
+            where,
         ]
     return [
         "```python",
@@ -77,6 +82,9 @@ def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False)
         f'model = PeftModel.from_pretrained(base, "{repo_id}")',
         f'processor = AutoProcessor.from_pretrained("{base_model}")',
         "```",
+        *serve,
+        "",
+        where,
     ]
 
 

@@ -526,7 +526,7 @@ def _save_weights(unwrapped, target: Path, full: bool, processor, family, meta: 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         if full:
-            unwrapped.save_pretrained(str(staging), state_dict=state_dict)
+            family.save_full(unwrapped, staging, state_dict)
             processor.save_pretrained(str(staging))
         else:
             save_adapter(unwrapped, staging, family, state_dict)

@@ -146,10 +146,13 @@ def test_card_has_model_index_family_usage_bootstrap_unit_and_no_local_path(tmp_
     refused = model_card("me/r", "deepseek-ai/DeepSeek-OCR", {"family": "deepseek_ocr"}, None, ["modules_to_save x"])
     assert "Not loadable as a vLLM LoRA adapter: modules_to_save x" in refused and "--merge" in refused
     ocr2 = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, None)
-    assert "DeepseekOcr2ForConditionalGeneration.from_pretrained" in ocr2 and "vLLM" not in ocr2
+    assert "DeepseekOcr2ForConditionalGeneration.from_pretrained" in ocr2
+    # OCR-2 is served by vLLM from the published layout a merged export writes, not as a LoRA
+    assert "--merge --output merged" in ocr2 and "--enable-lora" not in ocr2 and "vLLM-ready" not in ocr2
     experts = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, None,
                          per_expert=True)
     assert "PeftModel" not in experts and "ocrtune predict --model deepseek-community/DeepSeek-OCR-2" in experts
+    assert "vllm serve merged" in experts
 
 
 def test_push_checks_a_v1_adapter_for_vllm(tmp_path):

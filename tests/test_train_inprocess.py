@@ -1,5 +1,7 @@
 """Training in-process: base weights untouched, only LoRA tensors move, loss normalised per token."""
 
+import json
+
 import pytest
 import torch
 
@@ -43,6 +45,8 @@ def test_full_preset_trains_every_weight_and_saves_a_loadable_checkpoint(tiny_da
     written = sorted(p.name for p in result.saved_dir.iterdir())
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(written)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no staging left behind
+    saved = json.loads((result.saved_dir / "config.json").read_text())  # OCR-2's published layout
+    assert (saved["model_type"], saved["architectures"]) == ("deepseek_vl_v2", ["DeepseekOCR2ForCausalLM"])
     _, before, _ = load_model(TINY)
     _, after, _ = load_model(str(result.saved_dir))
     old = dict(before.named_parameters())

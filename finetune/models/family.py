@@ -50,6 +50,9 @@ class ModelFamily(ABC):
 
     MODEL_TYPE: ClassVar[str]  # ocrtune's name for the family, recorded in adapters and reports
     CONFIG_MODEL_TYPES: ClassVar[tuple[str, ...]]  # config.json model_type values it reads
+    # config.json architectures naming this family, for a model_type two families share
+    # (deepseek_vl_v2: DeepSeek-OCR's and DeepSeek-OCR-2's published configs).
+    ARCHITECTURES: ClassVar[tuple[str, ...]] = ()
     MODES: ClassVar[tuple[str, ...]]  # resolution modes (vision.mode); checked without weights
     LAYOUT: ClassVar[DecoderLayout]
     # (ocrtune's module prefix, the published checkpoint's) where the two trees name a module
@@ -68,6 +71,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def load(self, path: str | Path, dtype=None, device=None) -> tuple[Any, Any]:
         """(model, processor) from a checkpoint folder; the processor has `.tokenizer`."""
+
+    @abstractmethod
+    def save_full(self, model, folder: Path, state_dict: dict | None = None) -> None:
+        """The whole model (weights and config.json) in the family's published layout, the one
+        vLLM and the published checkpoint's own code load; `state_dict` as gathered under
+        FSDP/DeepSpeed, else the model's. Tokenizer and processor files are the caller's."""
 
     @abstractmethod
     def load_processor(self, path: str | Path):

@@ -16,10 +16,13 @@ def family_for_config(raw: dict, where: str) -> ModelFamily:
     """The family that reads a checkpoint whose config.json is `raw`; `where` names the file
     in errors. Decided from config.json alone (no weights are read)."""
     model_type = raw.get("model_type", "")
-    for family in FAMILIES:
-        if model_type in family.CONFIG_MODEL_TYPES:
-            family.check_config(raw, where)
-            return family
+    readers = [f for f in FAMILIES if model_type in f.CONFIG_MODEL_TYPES]
+    # A model_type two families share: config.json's architectures name the family; a config
+    # that names neither goes to the first, whose check_config says what it is missing.
+    named = [f for f in readers if set(raw.get("architectures") or ()) & set(f.ARCHITECTURES)]
+    for family in (named or readers)[:1]:
+        family.check_config(raw, where)
+        return family
     known = ", ".join(f"{t} ({f.MODEL_TYPE})" for f in FAMILIES for t in f.CONFIG_MODEL_TYPES)
     raise ModelNameError(f"{where}: model_type {model_type!r} is not supported by ocrtune (supported: {known})")
 

@@ -29,6 +29,7 @@ class DeepseekOcr(ModelFamily):
     # The published config.json's model_type, shared with DeepSeek-VL2 and OCR-2's
     # remote-code release; CLIP-L in its vision widths is what makes it v1.
     CONFIG_MODEL_TYPES = ("deepseek_vl_v2",)
+    ARCHITECTURES = ("DeepseekOCRForCausalLM",)
     MODES = ("tiny", "small", "base", "large", "gundam")
     LAYOUT = DecoderLayout(
         decoder_layers="model.language_model.layers",
@@ -88,9 +89,12 @@ class DeepseekOcr(ModelFamily):
 
         if not is_v1_config(raw):
             raise ModelNameError(
-                f"{where}: model_type 'deepseek_vl_v2' without CLIP-L in vision_config.width is not DeepSeek-OCR (v1); "
-                "for DeepSeek-OCR-2 use the transformers layout (deepseek-community/DeepSeek-OCR-2)"
+                f"{where}: model_type 'deepseek_vl_v2' without CLIP-L in vision_config.width is not DeepSeek-OCR (v1), "
+                "and its architectures do not name DeepseekOCR2ForCausalLM (DeepSeek-OCR-2's published layout)"
             )
+
+    def save_full(self, model, folder, state_dict=None):
+        model.save_pretrained(str(folder), state_dict=state_dict)  # modeling: the official layout
 
     def load(self, path, dtype=None, device=None):
         """The official layout -> (DeepseekOcrForConditionalGeneration, DeepseekOcrProcessor).

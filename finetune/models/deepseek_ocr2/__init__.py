@@ -1,10 +1,13 @@
 """DeepSeek-OCR-2 through transformers' native classes (no remote code).
 
     processor.py   pages -> views through transformers' image processor; placeholder counts
+    checkpoint.py  the published (remote-code) layout: config.json both ways, tensor names
 
 SAM ViT-B -> Qwen2-style encoder with learned queries -> linear projector -> the DeepSeek
-MoE decoder: transformers' DeepseekOcr2ForConditionalGeneration is the modeling code, and
-its checkpoint layout (deepseek-community/DeepSeek-OCR-2) is the one read here.
+MoE decoder: transformers' DeepseekOcr2ForConditionalGeneration is the modeling code. Both
+checkpoint layouts are read: transformers' (deepseek-community/DeepSeek-OCR-2) and the
+published one (deepseek-ai/DeepSeek-OCR-2's config.json and names, which vLLM loads); full
+checkpoints are written in the published one.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ __all__ = ["DeepseekOcr2", "VisionSettings"]
 
 class DeepseekOcr2(ModelFamily):
     MODEL_TYPE = "deepseek_ocr2"
-    CONFIG_MODEL_TYPES = ("deepseek_ocr2",)
+    # transformers' config.json, and the published one (shared with v1's, told apart by its
+    # architectures: checkpoint.py).
+    CONFIG_MODEL_TYPES = ("deepseek_ocr2", "deepseek_vl_v2")
+    ARCHITECTURES = ("DeepseekOcr2ForConditionalGeneration", "DeepseekOCR2ForCausalLM")
     # OCR-2's encoder carries query tables for a 1024 global view and 768 tiles only, so of
     # DeepSeek-OCR's five modes two exist here: "base" (the global view alone: 256 image
     # tokens on the real model) and "gundam" (global view + tiles by aspect ratio, 144 tokens
@@ -60,15 +66,40 @@ class DeepseekOcr2(ModelFamily):
                           ("model.vision_tower.vision_encoder.norm.", "model.qwen2_model.model.model.norm."))
     # adapter_config.json's targets stay in transformers' names, which plain PEFT matches
     # against transformers' model; ocrtune reads targets in either naming.
-    # deepseek-ai/DeepSeek-OCR-2 is published in the remote-code layout (model_type
-    # deepseek_vl_v2); the same weights in transformers' layout live at this id.
+    # deepseek-ai/DeepSeek-OCR-2 ships DeepSeek's processor_config.json and remote code beside
+    # its weights; the same weights with transformers' processor files live at this id.
     HUB_ALIASES = {"deepseek-ai/DeepSeek-OCR-2": "deepseek-community/DeepSeek-OCR-2"}
 
-    def load(self, path, dtype=None, device=None):
-        from transformers import AutoProcessor, DeepseekOcr2ForConditionalGeneration
+    def check_config(self, raw: dict, where: str) -> None:
+        from finetune.models.deepseek_ocr2.checkpoint import config_from_published, is_published_config
 
-        processor = AutoProcessor.from_pretrained(str(path))
-        model = DeepseekOcr2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype or torch.float32)
+        if raw.get("model_type") == "deepseek_vl_v2":
+            if not is_published_config(raw):
+                raise ModelNameError(f"{where}: model_type 'deepseek_vl_v2' is DeepSeek-OCR-2's published layout "
+                                     "only with architectures ['DeepseekOCR2ForCausalLM']")
+            config_from_published(raw, where)  # refuses, naming the field, what this family can't run
+
+    def save_full(self, model, folder, state_dict=None):
+        from finetune.models.deepseek_ocr2.checkpoint import save_published
+
+        save_published(model, Path(folder), state_dict)
+
+    def load(self, path, dtype=None, device=None):
+        import json
+
+        from transformers import DeepseekOcr2ForConditionalGeneration
+
+        from finetune.models.deepseek_ocr2.checkpoint import config_from_published, is_published_config
+
+        processor = self.load_processor(path)
+        raw = json.loads((Path(path) / "config.json").read_text())
+        config = None  # transformers' config.json, read by from_pretrained itself
+        if is_published_config(raw):
+            image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            config = config_from_published(raw, str(Path(path) / "config.json"), image_token)
+        # transformers renames the published tensor names (and fuses the experts) on load.
+        model = DeepseekOcr2ForConditionalGeneration.from_pretrained(str(path), config=config,
+                                                                     dtype=dtype or torch.float32)
         if device is not None:
             model.to(device)
         tok_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -86,9 +117,30 @@ class DeepseekOcr2(ModelFamily):
         return getattr(model.config.get_text_config(), "_experts_implementation", None)
 
     def load_processor(self, path):
-        from transformers import AutoProcessor
+        """transformers' processor files; a folder with DeepSeek's own processor_config.json (the
+        published repository's, for its remote code) gets transformers' processor with its
+        defaults, which are the published model's settings, around the folder's tokenizer."""
+        import json
 
-        return AutoProcessor.from_pretrained(str(path))
+        from transformers import AutoProcessor, AutoTokenizer, DeepseekOcr2ImageProcessor, DeepseekOcr2Processor
+
+        from transformers.utils import logging as hf_logging
+
+        settings = Path(path) / "processor_config.json"
+        cls = json.loads(settings.read_text()).get("processor_class") if settings.is_file() else None
+        # Loading a tokenizer, transformers reads config.json to guess its class; beside a
+        # published config.json (model_type deepseek_vl_v2, unknown to it) it warns that the
+        # model types differ. The class comes from tokenizer_config.json: the warning is noise.
+        config_log = hf_logging.get_logger("transformers.configuration_utils")
+        level = config_log.level
+        config_log.setLevel(hf_logging.ERROR)
+        try:
+            if cls in (None, "DeepseekOcr2Processor"):
+                return AutoProcessor.from_pretrained(str(path))
+            return DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessor(),
+                                         tokenizer=AutoTokenizer.from_pretrained(str(path)))
+        finally:
+            config_log.setLevel(level)
 
     def vision_settings(self, processor, mode=None, crop_to_patches=None, min_tiles=None,
                         max_tiles=None) -> VisionSettings:
