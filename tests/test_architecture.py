@@ -117,7 +117,7 @@ def test_registry_detects_the_family_from_config_json(tmp_path):
     with pytest.raises(ModelNameError, match=r"x/config.json: model_type 'llama' is not supported by ocrtune "
                                              r"\(supported: deepseek_vl_v2 \(deepseek_ocr\), deepseek_ocr2"):
         family_for_config({"model_type": "llama"}, "x/config.json")
-    # deepseek_vl_v2 without CLIP-L: OCR-2's (or DeepSeek-VL2's) remote-code layout, not v1
+    # deepseek_vl_v2 without CLIP-L and without OCR-2's architecture (DeepSeek-VL2, say): neither family
     with pytest.raises(ModelNameError, match="is not DeepSeek-OCR \\(v1\\)"):
         family_for_config({"model_type": "deepseek_vl_v2", "vision_config": {"width": {"sam_vit_b": 768}}}, "y")
 

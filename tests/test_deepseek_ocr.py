@@ -240,9 +240,12 @@ def test_pickled_weights_are_never_loaded(tmp_path):
         load_model(str(folder))
 
 
-def test_ocr2_remote_code_layout_is_refused_with_the_way_out(tmp_path):
+def test_deepseek_vl_v2_neither_v1_nor_ocr2_is_refused_naming_both(tmp_path):
+    """No CLIP-L (not v1) and no DeepseekOCR2ForCausalLM in architectures (not OCR-2's
+    published layout, which test_ocr2_published reads): DeepSeek-VL2, say."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_vl_v2", "vision_config": {"width": {}}}))
-    with pytest.raises(ModelNameError, match="deepseek-community/DeepSeek-OCR-2"):
+    with pytest.raises(ModelNameError, match=r"not DeepSeek-OCR \(v1\), and its architectures do not name "
+                                             "DeepseekOCR2ForCausalLM"):
         load_model(str(tmp_path))
 
 
