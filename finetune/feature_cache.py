@@ -59,16 +59,25 @@ def _v1_encode(base, batch: dict) -> list[torch.Tensor]:
 
 def _ocr2_encode(base, batch: dict) -> list[torch.Tensor]:
     # The call DeepseekOcr2Model.forward makes on pixels, with the same arguments.
-    return base.model.get_image_features(batch["pixel_values"], batch.get("pixel_values_local"),
-                                         batch.get("num_local_patches"), return_dict=True).pooler_output
+    out = base.model.get_image_features(batch["pixel_values"], batch.get("pixel_values_local"),
+                                        batch.get("num_local_patches"), return_dict=True).pooler_output
+    if isinstance(out, torch.Tensor):  # older transformers (5.13): every image's features in one tensor
+        counts = (batch["input_ids"] == base.config.image_token_id).sum(dim=1).tolist()
+        return list(torch.split(out, counts))
+    return list(out)
 
 
-def _ocr2_feed(features: list[torch.Tensor]) -> dict:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    # The forward's own door for encoder outputs computed elsewhere: it concatenates
-    # `pooler_output` and scatters it over the image placeholders, as it does for pixels.
-    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+def _ocr2_feed(base, batch: dict, features: list[torch.Tensor]) -> dict:
+    # What DeepseekOcr2Model.forward does with the pixels' features, done here: the features,
+    # concatenated and cast to the embeddings' dtype, scattered over the image placeholders'
+    # embeddings; the model then runs from inputs_embeds. (transformers' own door for
+    # precomputed features, mm_encoder_outputs, is newer than transformers 5.13, which drops
+    # it silently and would train on the placeholders' bare embeddings.)
+    ids = batch["input_ids"]
+    embeds = base.get_input_embeddings()(ids)
+    mask = (ids == base.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(mask, torch.cat(features).to(embeds.device, embeds.dtype))
+    return {"input_ids": None, "inputs_embeds": embeds}
 
 
 def _v1_settings(processor) -> dict:
@@ -84,14 +93,14 @@ def _ocr2_settings(processor) -> dict:
 class _Family:
     image_inputs: tuple[str, ...]  # the batch keys only the vision side reads
     encode: Callable[..., list[torch.Tensor]]  # (base model, batch) -> one [placeholders, hidden] per sample
-    feed: Callable[[list[torch.Tensor]], dict]  # features -> the forward's keyword arguments
+    feed: Callable[..., dict]  # (base model, batch, features) -> the forward's keyword arguments
     processor_settings: Callable[..., dict]
     code: tuple[str, ...]  # ocrtune modules on the page -> features path besides the classes' own
 
 
 FAMILIES = {
     "deepseek_ocr": _Family(("pixel_values", "pixel_values_local", "images_spatial_crop"), _v1_encode,
-                            lambda features: {"image_features": features}, _v1_settings, ()),
+                            lambda base, batch, features: {"image_features": features}, _v1_settings, ()),
     "deepseek_ocr2": _Family(("pixel_values", "pixel_values_local", "num_local_patches"), _ocr2_encode,
                              _ocr2_feed, _ocr2_settings, ("finetune.models.deepseek_ocr2.processor",)),
 }
@@ -246,7 +255,7 @@ class VisionFeatureCache:
                 if old is None and key not in written:
                     self._write(key, feature)
                     written.add(key)
-        return {k: v for k, v in batch.items() if k not in self.image_inputs} | self.feed(features)
+        return {k: v for k, v in batch.items() if k not in self.image_inputs} | self.feed(batch, features)
 
     def _read(self, image: str) -> torch.Tensor | None:
         path = self.path(image)
@@ -327,4 +336,5 @@ def open_cache(model: torch.nn.Module, family, processor, vision: dict, data_pat
         raise FeatureCacheError(f"{KEY}: cannot write the cache at {folder} ({exc}); make it writable or turn "
                                 "the cache off") from None
     return VisionFeatureCache(folder, key, image_hashes(split, indices), lambda batch: spec.encode(base, batch),
-                              spec.feed, spec.image_inputs, autocast, say)
+                              lambda batch, features: spec.feed(base, batch, features), spec.image_inputs,
+                              autocast, say)
