@@ -44,6 +44,7 @@ def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False)
     """How to run the adapter, right for its family: v1 has no transformers class (ocrtune or
     vLLM load it); OCR-2 loads through transformers + PEFT, except LoRA on routed experts
     (`per_expert`), which PEFT does not apply to transformers' fused experts."""
+    where = f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)"
     if family == "deepseek_ocr":
         return [
             "DeepSeek-OCR (v1) has no class in transformers; load the adapter with ocrtune or serve it with vLLM:",
@@ -54,12 +55,11 @@ def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False)
             f"vllm serve {base_model} --enable-lora --lora-modules adapted=vllm-adapter",
             "```",
             "",
-            f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)",
+            where,
         ]
     # vLLM serves OCR-2 from the published checkpoint layout, which a merged export is in.
     serve = ["", "Serve it with vLLM, merged into the base in DeepSeek-OCR-2's published layout:", "", "```bash",
              f"ocrtune export ADAPTER_DIR --merge --output merged --model {base_model}", "vllm serve merged", "```"]
-    where = f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)"
     if per_expert:
         return [
             "This adapter trains the routed experts, stored one LoRA pair per expert as in the published "

@@ -92,17 +92,16 @@ class DeepseekOcr2(ModelFamily):
         from finetune.models.deepseek_ocr2.checkpoint import config_from_published, is_published_config
 
         processor = self.load_processor(path)
+        tok_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         raw = json.loads((Path(path) / "config.json").read_text())
         config = None  # transformers' config.json, read by from_pretrained itself
         if is_published_config(raw):
-            image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-            config = config_from_published(raw, str(Path(path) / "config.json"), image_token)
+            config = config_from_published(raw, str(Path(path) / "config.json"), tok_id)
         # transformers renames the published tensor names (and fuses the experts) on load.
         model = DeepseekOcr2ForConditionalGeneration.from_pretrained(str(path), config=config,
                                                                      dtype=dtype or torch.float32)
         if device is not None:
             model.to(device)
-        tok_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         if tok_id != model.config.image_token_id:
             raise ModelNameError(
                 f"{Path(path)}: tokenizer maps {processor.image_token!r} to {tok_id} but config.image_token_id is "
@@ -123,7 +122,6 @@ class DeepseekOcr2(ModelFamily):
         import json
 
         from transformers import AutoProcessor, AutoTokenizer, DeepseekOcr2ImageProcessor, DeepseekOcr2Processor
-
         from transformers.utils import logging as hf_logging
 
         settings = Path(path) / "processor_config.json"
