@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from finetune.models.deepseek_ocr.configuration import DeepseekOcrConfig
+from finetune.models.deepseek_v2 import check_published, language_config, text_config
 from finetune.models.family import ModelNameError
 
 OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
@@ -159,15 +160,10 @@ def from_official_key(official: str) -> str:
 
 # --- config.json -------------------------------------------------------------------------
 
-_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "n_routed_experts", "n_shared_experts",
-                "num_experts_per_tok", "routed_scaling_factor", "topk_method", "n_group", "topk_group",
-                "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
 def is_v1_config(raw: dict) -> bool:
     """An official-layout config.json of DeepSeek-OCR v1 (CLIP-L in its vision widths)."""
     return raw.get("model_type") == OFFICIAL_MODEL_TYPE and CLIP_KEY in (raw.get("vision_config") or {}).get("width", {})
+
 
 def config_from_official(raw: dict, where: str, image_token_id: int):
     """The official config.json (as a dict) -> DeepseekOcrConfig; refuses variants it can't run."""
@@ -184,24 +180,8 @@ def config_from_official(raw: dict, where: str, image_token_id: int):
     if proj.get("projector_type", "linear") != "linear":
         raise OfficialLayoutError(f"{where}: projector_config.projector_type {proj['projector_type']!r}: only 'linear' "
                               "(DeepSeek-OCR's) is supported")
-    for key, ok in (("use_mla", False), ("norm_topk_prob", False)):
-        if bool(lang.get(key, False)) != ok:
-            raise OfficialLayoutError(f"{where}: language_config.{key} = {lang[key]!r} is not DeepSeek-OCR's decoder "
-                                  f"(expected {ok})")
-    if raw.get("tile_tag", "2D") != "2D" or raw.get("global_view_pos", "head") != "head":
-        raise OfficialLayoutError(f"{where}: tile_tag {raw.get('tile_tag')!r} / global_view_pos "
-                                  f"{raw.get('global_view_pos')!r}: only DeepSeek-OCR's '2D' / 'head' are supported")
-    if lang.get("scoring_func", "softmax") != "softmax":
-        raise OfficialLayoutError(f"{where}: language_config.scoring_func {lang['scoring_func']!r}: only softmax is supported")
-    n_layers = int(need(lang, "num_hidden_layers", "language_config."))
-    first_dense, freq = int(lang.get("first_k_dense_replace", 0)), int(lang.get("moe_layer_freq", 1))
-    sparse = lang.get("n_routed_experts") not in (None, 0)
-    text = {k: lang[k] for k in _TEXT_FIELDS if lang.get(k) is not None}
-    text.update(
-        mlp_layer_types=["sparse" if sparse and i >= first_dense and i % freq == 0 else "dense" for i in range(n_layers)],
-        rope_parameters={"rope_type": "default", "rope_theta": float(lang.get("rope_theta", 10000.0))},
-        attention_bias=bool(lang.get("attention_bias", False)),
-    )
+    check_published(raw, lang, where, OfficialLayoutError, "DeepSeek-OCR")
+    text = text_config(lang, int(need(lang, "num_hidden_layers", "language_config.")))
     clip_width, sam_width = int(need(clip, "width", "clip ")), int(need(sam, "width", "sam "))
     downsample = list(sam.get("downsample_channels", [512, 1024]))
     if downsample[-1] != clip_width:
@@ -230,19 +210,7 @@ def official_config(config) -> dict:
     """DeepseekOcrConfig -> the official config.json layout (plus the few sizes the official
     code hard-codes, so tiny models round-trip)."""
     t, s, c = config.text_config, config.sam_config, config.clip_config
-    kinds = list(t.mlp_layer_types)
-    first_dense = kinds.index("sparse") if "sparse" in kinds else len(kinds)
-    lang = {k: getattr(t, k) for k in _TEXT_FIELDS if getattr(t, k, None) is not None}
-    lang.update(first_k_dense_replace=first_dense, moe_layer_freq=1, use_mla=False, norm_topk_prob=False,
-                scoring_func="softmax", rope_theta=float(t.rope_parameters.get("rope_theta", 10000.0)),
-                attention_bias=bool(t.attention_bias))
-    # As published: plain multi-head attention spelled the DeepSeek-V2 way (no MLA ranks, zero
-    # rope/nope split) and one expert group. vLLM reads these fields: without the zero head-dim
-    # split it builds MLA attention, and a null expert count or group is refused. A decoder
-    # without MoE layers keeps its expert count and says "dense" through first_k_dense_replace.
-    lang.update(kv_lora_rank=None, q_lora_rank=None, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
-    lang["n_group"] = lang.get("n_group") or 1
-    lang["topk_group"] = lang.get("topk_group") or 1
+    lang = language_config(t, OfficialLayoutError)  # the DeepSeek-V2 decoder, spelled as published
     return {
         "architectures": ["DeepseekOCRForCausalLM"],
         "model_type": OFFICIAL_MODEL_TYPE,
@@ -264,8 +232,7 @@ def official_config(config) -> dict:
                           "window_size": s.window_size, "mlp_dim": s.mlp_dim, "output_channels": s.output_channels},
             },
         },
-        "bos_token_id": t.bos_token_id,
-        "eos_token_id": t.eos_token_id,
+        **lang,  # the official remote code builds its config from the top-level fields
     }
 
 

@@ -22,11 +22,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from finetune.models.family import ModelNameError
+from finetune.models.views import cut_tiles, padded_view, tile_grid, to_tensor
 
 PROCESSOR_FILE = "processor_config.json"
 IMAGE_TOKEN = "<image>"
@@ -111,26 +111,6 @@ def settings_for_mode(processor: DeepseekOcrProcessor, mode: str) -> VisionSetti
     return VisionSettings(mode, int(base), int(tile), bool(squash), bool(tiles), processor.min_crops, processor.max_crops)
 
 
-def tile_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
-    """(tiles across, tiles down) whose aspect ratio is closest to the page's; among equal
-    ratios the larger grid wins when the page has the pixels to fill it."""
-    grids = sorted({(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                    if min_tiles <= i * j <= max_tiles}, key=lambda g: g[0] * g[1])
-    aspect, best, best_diff = width / height, (1, 1), float("inf")
-    for i, j in grids:
-        diff = abs(aspect - i / j)
-        if diff < best_diff:
-            best, best_diff = (i, j), diff
-        elif diff == best_diff and width * height > 0.5 * tile * tile * i * j:
-            best = (i, j)
-    return best
-
-
-def _to_tensor(image: Image.Image, mean, std) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
 def encode_image(processor: DeepseekOcrProcessor, image: Image.Image, vision: VisionSettings) -> tuple[dict, int]:
     """Pixel tensors for one RGB page and its placeholder count."""
     image = image.convert("RGB")
@@ -141,15 +121,12 @@ def encode_image(processor: DeepseekOcrProcessor, image: Image.Image, vision: Vi
     if vision.squash:
         view = image.resize((vision.base_size, vision.base_size), Image.BICUBIC)
     else:
-        fill = tuple(int(m * 255) for m in processor.image_mean)
-        view = ImageOps.pad(image, (vision.base_size, vision.base_size), method=Image.BICUBIC, color=fill)
+        view = padded_view(image, vision.base_size, processor.image_mean)
     local = None
     if grid != (1, 1):
-        s = vision.image_size
-        resized = image.resize((s * grid[0], s * grid[1]), Image.BICUBIC)
-        tiles = [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(grid[1]) for c in range(grid[0])]
-        local = torch.stack([_to_tensor(t, processor.image_mean, processor.image_std) for t in tiles])
-    pixels = {"pixel_values": _to_tensor(view, processor.image_mean, processor.image_std)[None],
+        tiles = cut_tiles(image, grid, vision.image_size)
+        local = torch.stack([to_tensor(t, processor.image_mean, processor.image_std) for t in tiles])
+    pixels = {"pixel_values": to_tensor(view, processor.image_mean, processor.image_std)[None],
               "pixel_values_local": local, "grid": grid}
     return pixels, placeholders(processor, vision, grid)
 

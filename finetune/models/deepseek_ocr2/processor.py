@@ -1,9 +1,13 @@
-"""DeepSeek-OCR-2 pages -> views, through transformers' own image processor.
+"""DeepSeek-OCR-2 pages -> views, with the settings of transformers' image processor (view
+and tile sizes, tile limits, mean and std) and DeepSeek's own rules (finetune/models/views.py):
+a global view of the processor's size padded to a square, and in gundam mode tiles by aspect
+ratio. In base mode the global view keeps that size: transformers' processor makes it at the
+tile size there (768 on the real model, 144 query tokens) while counting 256 placeholders for
+it, which the real model refuses.
 
-The vision model emits a fixed number of query tokens per view
-(144 for a <=144-patch view, else 256); the placeholder count per image is computed
-from the processor's patch size and downsample ratio, exactly as transformers'
-processor does, plus one view separator.
+The vision model emits a fixed number of query tokens per view (144 for a <=144-patch view,
+else 256); the placeholder count per image is computed from the processor's patch size and
+downsample ratio, plus one view separator.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+from finetune.models.views import cut_tiles, padded_view, tile_grid, to_tensor
 
 
 @dataclass(frozen=True)
@@ -42,20 +48,20 @@ def placeholders_per_image(processor, num_local_patches: int) -> int:
 
 def encode_image(processor, image, vision: VisionSettings) -> tuple[dict, int]:
     """Pixel tensors for one RGB page and its placeholder count."""
-    out = processor.image_processor(
-        [image],
-        crop_to_patches=vision.crop_to_patches,
-        min_patches=vision.min_tiles,
-        max_patches=vision.max_tiles,
-        return_tensors="pt",
-    )
-    n_local = int(out["num_local_patches"][0])
+    ip = processor.image_processor
+    image = image.convert("RGB")
+    size, tile = int(ip.size["height"]), int(ip.tile_size)
+    w, h = image.size
+    local = None
+    if vision.crop_to_patches and (w > tile or h > tile):  # a page within one tile gets none
+        tiles = cut_tiles(image, tile_grid(w, h, tile, vision.min_tiles, vision.max_tiles), tile)
+        local = torch.stack([to_tensor(t, ip.image_mean, ip.image_std) for t in tiles])
     pixels = {
-        "pixel_values": out["pixel_values"],
-        "pixel_values_local": out.get("pixel_values_local"),
-        "num_local_patches": n_local,
+        "pixel_values": to_tensor(padded_view(image, size, ip.image_mean), ip.image_mean, ip.image_std)[None],
+        "pixel_values_local": local,
+        "num_local_patches": 0 if local is None else len(local),
     }
-    return pixels, placeholders_per_image(processor, n_local)
+    return pixels, placeholders_per_image(processor, pixels["num_local_patches"])
 
 
 def collate_pixels(items: list[dict]) -> dict:
