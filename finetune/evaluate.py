@@ -172,7 +172,7 @@ def evaluate(
         vision = inf.family.vision_settings(inf.processor, mode)  # VisionModeError names the modes
     builder = builder_for(inf.family, inf.processor, model.config if model is not None else None, prompt, vision)
     if engine == "vllm":
-        vllm = VllmEngine(resolved.path, adapter, guard, inf.family.MODEL_TYPE, vision.as_dict(), max_new_tokens, dtype)
+        vllm = VllmEngine(resolved.path, adapter, guard, inf.family, vision.as_dict(), max_new_tokens, dtype)
     systems = ["base"] + (["adapted"] if adapter is not None else [])
     endpoint_of = {f"endpoint:{name}": (url, name) for url, name in endpoints}
     systems += list(endpoint_of)

@@ -40,10 +40,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False) -> list[str]:
+def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False, vllm_ready: bool = False) -> list[str]:
     """How to run the adapter, right for its family: v1 has no transformers class (ocrtune or
     vLLM load it); OCR-2 loads through transformers + PEFT, except LoRA on routed experts
-    (`per_expert`), which PEFT does not apply to transformers' fused experts."""
+    (`per_expert`), which PEFT does not apply to transformers' fused experts. vLLM serves an
+    OCR-2 adapter as a LoRA when `vllm_ready`, else merged, from the published checkpoint."""
     where = f"(`ADAPTER_DIR`: this repository, e.g. `hf download {repo_id} --local-dir ADAPTER_DIR`.)"
     if family == "deepseek_ocr":
         return [
@@ -57,9 +58,19 @@ def _usage(family: str, base_model: str, repo_id: str, per_expert: bool = False)
             "",
             where,
         ]
-    # vLLM serves OCR-2 from the published checkpoint layout, which a merged export is in.
-    serve = ["", "Serve it with vLLM, merged into the base in DeepSeek-OCR-2's published layout:", "", "```bash",
-             f"ocrtune export ADAPTER_DIR --merge --output merged --model {base_model}", "vllm serve merged", "```"]
+    # vLLM reads OCR-2 in its published layout: the published repository (not transformers'
+    # copy of it) under a LoRA, or a merged export, which is written in that layout.
+    from finetune.models.deepseek_ocr2 import DeepseekOcr2
+
+    published = {copy: orig for orig, copy in DeepseekOcr2.HUB_ALIASES.items()}.get(base_model, base_model)
+    if vllm_ready:
+        serve = ["", f"Serve it with vLLM, as a LoRA on the published checkpoint (`{published}`):", "", "```bash",
+                 "ocrtune export ADAPTER_DIR --output vllm-adapter   # the layout vLLM loads",
+                 f"vllm serve {published} --enable-lora --lora-modules adapted=vllm-adapter", "```"]
+    else:
+        serve = ["", "Serve it with vLLM, merged into the base in DeepSeek-OCR-2's published layout:", "", "```bash",
+                 f"ocrtune export ADAPTER_DIR --merge --output merged --model {base_model}", "vllm serve merged",
+                 "```"]
     if per_expert:
         return [
             "This adapter trains the routed experts, stored one LoRA pair per expert as in the published "
@@ -139,7 +150,7 @@ def model_card(repo_id: str, base_model: str, meta: dict, report: dict | None,
                       "for both systems. Full numbers: `ocrtune_eval.json`.", ""]
     else:
         lines += ["No evaluation report was found next to this adapter, so no CER is claimed.", ""]
-    lines += ["## Use", ""] + _usage(family, base_model, repo_id, per_expert) + [""]
+    lines += ["## Use", ""] + _usage(family, base_model, repo_id, per_expert, vllm_ready=vllm_problems == []) + [""]
     if vllm_problems is not None:
         lines += ["## Serving with vLLM", ""]
         if vllm_problems:
@@ -190,7 +201,7 @@ def stage(adapter_dir: Path, repo_id: str, base_model_id: str | None = None, rep
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         per_expert = any(EXPERT_KEY.match(k) for k in f.keys())
     problems = None
-    if meta.get("family") == "deepseek_ocr":  # vLLM serving is checked for v1 adapters (README: vLLM)
+    if meta.get("family"):  # what vLLM would refuse or skip (README: vLLM)
         from finetune.models.registry import family_named
 
         family = family_named(meta["family"])

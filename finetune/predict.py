@@ -95,7 +95,7 @@ def predict(model_name: str, inputs: list[str | Path], output: str | Path, adapt
         from finetune.vllm_engine import VllmEngine
 
         inf, resolved = load_for_engine(model_name, adapter, prompt, no_repeat_ngram, no_repeat_window)
-        vllm = VllmEngine(resolved.path, adapter, inf.guard, inf.family.MODEL_TYPE, inf.vision.as_dict(),
+        vllm = VllmEngine(resolved.path, adapter, inf.guard, inf.family, inf.vision.as_dict(),
                           max_new_tokens, dtype)
     else:
         inf = load_for_inference(model_name, adapter, prompt, dtype, no_repeat_ngram, no_repeat_window)

@@ -58,7 +58,9 @@ def load_for_engine(model_name: str, adapter: str | Path | None, prompt: str | N
     from finetune.models import resolve_model
 
     meta = _adapter_meta(adapter)
-    resolved = resolve_model(model_name)
+    # The published repository itself (deepseek-ai/DeepSeek-OCR-2, not transformers' copy of
+    # it): vLLM reads the published layout, and ocrtune reads its processor and tokenizer.
+    resolved = resolve_model(model_name, hub_aliases=False)
     processor = resolved.family.load_processor(resolved.path)
     return _inference(resolved, None, processor, meta, prompt, no_repeat_ngram, no_repeat_window, dataset_info), resolved
 

@@ -147,18 +147,24 @@ def test_card_has_model_index_family_usage_bootstrap_unit_and_no_local_path(tmp_
     assert "Not loadable as a vLLM LoRA adapter: modules_to_save x" in refused and "--merge" in refused
     ocr2 = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, None)
     assert "DeepseekOcr2ForConditionalGeneration.from_pretrained" in ocr2
-    # OCR-2 is served by vLLM from the published layout a merged export writes, not as a LoRA
+    # Not checked for vLLM (no problems list): served merged, in the published layout
     assert "--merge --output merged" in ocr2 and "--enable-lora" not in ocr2 and "vLLM-ready" not in ocr2
+    # vLLM-ready: a LoRA on the published repository, which vLLM reads (not transformers' copy)
+    ready = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, [])
+    assert "vllm serve deepseek-ai/DeepSeek-OCR-2 --enable-lora --lora-modules adapted=vllm-adapter" in ready
+    assert "--merge" not in ready and "vLLM-ready" in ready and "DeepseekOcr2ForConditionalGeneration" in ready
     experts = model_card("me/r", "deepseek-community/DeepSeek-OCR-2", {"family": "deepseek_ocr2"}, None, None,
                          per_expert=True)
     assert "PeftModel" not in experts and "ocrtune predict --model deepseek-community/DeepSeek-OCR-2" in experts
     assert "vllm serve merged" in experts
 
 
-def test_push_checks_a_v1_adapter_for_vllm(tmp_path):
-    folder = make_adapter(tmp_path / "a", base="builtin:tiny-random-deepseek-ocr")
+@pytest.mark.parametrize("base, family", [("builtin:tiny-random-deepseek-ocr", "deepseek_ocr"),
+                                          ("builtin:tiny-random-deepseek-ocr-2", "deepseek_ocr2")])
+def test_push_checks_the_adapter_for_vllm(tmp_path, base, family):
+    folder = make_adapter(tmp_path / "a", base=base)
     meta = json.loads((folder / "ocrtune_adapter.json").read_text())
-    (folder / "ocrtune_adapter.json").write_text(json.dumps(dict(meta, family="deepseek_ocr")))
+    (folder / "ocrtune_adapter.json").write_text(json.dumps(dict(meta, family=family)))
     assert "vLLM-ready" in stage(folder, "me/x")["README.md"].decode()
     cfg = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps(dict(cfg, modules_to_save=["model.projector.layers"])))

@@ -19,8 +19,8 @@ from finetune.export import export_merged
 from finetune.lora import lora_config, resolve_targets, save_adapter
 from finetune.models import BUILTIN_DIR, ModelNameError, load_model
 from finetune.models.deepseek_ocr2 import DeepseekOcr2
-from finetune.models.deepseek_ocr2.checkpoint import (PublishedLayoutError, config_from_published, published_config,
-                                                      to_published)
+from finetune.models.deepseek_ocr2.checkpoint import (PublishedLayoutError, config_from_published, is_published_config,
+                                                      published_config, to_published)
 from finetune.models.registry import family_for_config
 from finetune.runtime import ADAPTER_META
 from finetune.sequence import builder_for
@@ -133,18 +133,49 @@ def test_a_folder_with_deepseeks_processor_config_gets_transformers_processor(tm
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == 3
 
 
-def _transformers_layout_copy(folder):
+def _transformers_layout_copy(folder, max_shard_size="50GB"):
     """The tiny base saved the way transformers' own hub copy is read: transformers' tensor
     names (fused experts, language_model.*, vision_tower.*) and config.json."""
     from transformers import DeepseekOcr2ForConditionalGeneration
 
     src = BUILTIN_DIR / "tiny-random-deepseek-ocr-2"
-    DeepseekOcr2ForConditionalGeneration.from_pretrained(str(src)).save_pretrained(str(folder), save_original_format=False)
+    DeepseekOcr2ForConditionalGeneration.from_pretrained(str(src)).save_pretrained(
+        str(folder), save_original_format=False, max_shard_size=max_shard_size)
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
         shutil.copy(src / name, folder / name)
-    keys = set(load_file(folder / "model.safetensors"))
+    keys = {k for shard in folder.glob("*.safetensors") for k in load_file(shard)}
     assert "model.language_model.layers.1.mlp.experts.gate_up_proj" in keys
     return str(folder)
+
+
+def _tensors(folder):
+    return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+
+@pytest.mark.parametrize("shard_size", ["50GB", "200KB"])
+def test_a_transformers_layout_folder_is_converted_for_vllm(tmp_path, shard_size):
+    """What `--engine vllm` hands vLLM for an OCR-2 checkpoint in transformers' layout: the
+    published config.json and tensors, shard by shard, equal tensor for tensor to the published
+    checkpoint it was made from; a published folder is used as it is."""
+    src = tmp_path / "base"
+    _transformers_layout_copy(src, shard_size)
+    n_shards = len(list(src.glob("*.safetensors")))
+    assert (n_shards == 1) == (shard_size == "50GB")
+    out = OCR2.published_checkpoint(src, tmp_path / "published")
+    assert out == tmp_path / "published"
+    assert is_published_config(json.loads((out / "config.json").read_text()))
+    assert len(list(out.glob("*.safetensors"))) == n_shards
+    assert (out / "model.safetensors.index.json").is_file() == (n_shards > 1)
+    expected = _tensors(BUILTIN_DIR / "tiny-random-deepseek-ocr-2")  # stored under the published names
+    got = _tensors(out)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    if n_shards > 1:
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert set(index) == set(got) and all((out / shard).is_file() for shard in index.values())
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert OCR2.published_checkpoint(out, tmp_path / "again") == out and not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("layout", ["published", "transformers"])
@@ -187,3 +218,41 @@ def test_merge_export_writes_the_published_layout_and_loads_back(tmp_path, layou
         expected = peft_model(**batch).logits
         assert (expected - model(**batch).logits).abs().max() > 1e-2  # the adapter changes the output
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _real_size_processor():
+    """transformers' processor at its defaults: the published sizes (1024 global view, 768
+    tiles, 2-6 tiles), around the builtin tokenizer."""
+    from transformers import AutoTokenizer, DeepseekOcr2ImageProcessor, DeepseekOcr2Processor
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BUILTIN_DIR / "tiny-random-deepseek-ocr-2"))
+    return DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessor(), tokenizer=tokenizer)
+
+
+def test_views_are_deepseeks_not_the_image_processors():
+    """A 700 x 1900 page at the published sizes: the global view is DeepSeek's (PIL's pad:
+    bicubic, centred with round(), so 324 grey columns on the left where transformers' processor
+    leaves 323), three 768 tiles cut top to bottom from the page resized to 768 x 2304, and 256 +
+    3 x 144 + 1 placeholders. Base mode keeps the 1024 view its 257 placeholders stand for."""
+    import numpy as np
+    from PIL import ImageOps
+
+    processor = _real_size_processor()
+    page = Image.new("RGB", (700, 1900), (30, 60, 90))
+    page.paste((200, 10, 10), (0, 0, 700, 950))  # a top half unlike the bottom: tile order shows
+
+    def tensor(view):
+        return (torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0).permute(2, 0, 1) - 0.5) / 0.5
+
+    pixels, n = OCR2.encode_image(processor, page, OCR2.vision_settings(processor, "gundam"))
+    expected = tensor(ImageOps.pad(page, (1024, 1024), method=Image.BICUBIC, color=(127, 127, 127)))
+    assert torch.equal(pixels["pixel_values"][0], expected)
+    grey = (pixels["pixel_values"][0, :, 512] == expected[:, 512, :1]).all(0)  # the middle row, column by column
+    assert int(grey.int().argmin()) == 324
+    resized = page.resize((768, 2304), Image.BICUBIC)
+    tiles = torch.stack([tensor(resized.crop((0, 768 * r, 768, 768 * (r + 1)))) for r in range(3)])
+    assert pixels["num_local_patches"] == 3 and torch.equal(pixels["pixel_values_local"], tiles)
+    assert n == 256 + 3 * 144 + 1
+
+    pixels, n = OCR2.encode_image(processor, page, OCR2.vision_settings(processor, "base"))
+    assert torch.equal(pixels["pixel_values"][0], expected) and pixels["pixel_values_local"] is None and n == 257

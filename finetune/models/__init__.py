@@ -50,8 +50,10 @@ def _family_of(path: Path, where: str) -> ModelFamily:
     return family_for_config(raw, str(cfg_file))
 
 
-def resolve_model(name: str) -> ResolvedModel:
-    """Find the checkpoint directory for `name`, downloading from the Hub if needed."""
+def resolve_model(name: str, hub_aliases: bool = True) -> ResolvedModel:
+    """Find the checkpoint directory for `name`, downloading from the Hub if needed.
+    `hub_aliases=False`: download a Hub id as published, even where a family reads the same
+    weights from another repository (HUB_ALIASES); for engines that read the published layout."""
     if not name:
         raise ModelNameError("model name is empty")
     if name.startswith(BUILTIN_PREFIX):
@@ -71,7 +73,7 @@ def resolve_model(name: str) -> ResolvedModel:
         raise ModelNameError(
             f"unknown model {name!r}: not a local directory, not builtin:NAME and not a Hub id (owner/name)"
         )
-    repo_id = hub_alias(name)
+    repo_id = hub_alias(name) if hub_aliases else name
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -99,6 +99,12 @@ class ModelFamily(ABC):
     def collate_pixels(self, items: list[dict]) -> dict:
         """Batch `encode_image` outputs in the layout the model's forward takes."""
 
+    def published_checkpoint(self, path: Path, scratch: Path) -> Path:
+        """A checkpoint folder in the family's published layout (what vLLM loads): `path` itself
+        when it is one, else a converted copy written to `scratch`. Every folder a family reads
+        is published unless it overrides this."""
+        return Path(path)
+
     def published_module_name(self, native: str) -> tuple[str, bool]:
         """(the published checkpoint's name for ocrtune's module `native`, whether it is the same
         module there). False: `native` is part of a fused module upstream (v1's CLIP q/k/v are

@@ -84,6 +84,16 @@ class DeepseekOcr2(ModelFamily):
 
         save_published(model, Path(folder), state_dict)
 
+    def published_checkpoint(self, path, scratch):
+        import json
+
+        from finetune.models.deepseek_ocr2.checkpoint import is_published_config, write_published_copy
+
+        if is_published_config(json.loads((Path(path) / "config.json").read_text())):
+            return Path(path)
+        write_published_copy(Path(path), Path(scratch))
+        return Path(scratch)
+
     def load(self, path, dtype=None, device=None):
         import json
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.models.deepseek_v2 import check_published, language_config, text_config
 from finetune.models.family import ModelNameError
 
 PUBLISHED_MODEL_TYPE = "deepseek_vl_v2"
@@ -98,13 +99,6 @@ def to_published(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --- config.json -------------------------------------------------------------------------
 
-# Language fields copied as they are, both ways (DeepSeek-V2 names in both layouts).
-_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "n_routed_experts", "n_shared_experts",
-                "num_experts_per_tok", "routed_scaling_factor", "topk_method", "n_group", "topk_group",
-                "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
 def is_published_config(raw: dict) -> bool:
     return raw.get("model_type") == PUBLISHED_MODEL_TYPE and PUBLISHED_ARCHITECTURE in (raw.get("architectures") or ())
 
@@ -113,23 +107,11 @@ def published_config(config) -> dict:
     """DeepseekOcr2Config -> the published config.json, with the encoder and SAM sizes the
     published file leaves to the code written out too."""
     t, s, e = config.text_config, config.vision_config.sam_config, config.vision_config.encoder_config
-    kinds = list(t.mlp_layer_types)
-    first_dense = kinds.index("sparse") if "sparse" in kinds else len(kinds)
-    if kinds != ["dense"] * first_dense + ["sparse"] * (len(kinds) - first_dense):
-        raise PublishedLayoutError(f"text_config.mlp_layer_types {kinds}: the published layout has dense layers "
-                                   "first, then MoE layers (first_k_dense_replace)")
     if t.head_dim != t.hidden_size // t.num_attention_heads:
         raise PublishedLayoutError(f"text_config.head_dim {t.head_dim} is not hidden_size / num_attention_heads: "
                                    "the published decoder derives it")
-    lang = {k: getattr(t, k) for k in _TEXT_FIELDS if getattr(t, k, None) is not None}
-    # As published: plain multi-head attention spelled the DeepSeek-V2 way (no MLA ranks, zero
-    # rope/nope split: vLLM builds MLA attention without them) and one expert group.
-    lang.update(first_k_dense_replace=first_dense, moe_layer_freq=1, use_mla=False, norm_topk_prob=False,
-                scoring_func="softmax", rope_theta=float(t.rope_parameters.get("rope_theta", 10000.0)),
-                attention_bias=bool(t.attention_bias), kv_lora_rank=None, q_lora_rank=None, qk_nope_head_dim=0,
-                qk_rope_head_dim=0, v_head_dim=0, n_group=lang.get("n_group") or 1,
-                topk_group=lang.get("topk_group") or 1, lm_head=True, rm_head=False,
-                tie_word_embeddings=bool(config.tie_word_embeddings))
+    lang = language_config(t, PublishedLayoutError)  # the DeepSeek-V2 decoder, spelled as published
+    lang["tie_word_embeddings"] = bool(config.tie_word_embeddings)
     encoder_rope = (e.rope_parameters or {}).get("rope_theta", _ENCODER_DEFAULTS["rope_theta"])
     return {
         "architectures": [PUBLISHED_ARCHITECTURE],
@@ -176,22 +158,8 @@ def config_from_published(raw: dict, where: str, image_token_id: int | None = No
     if proj.get("projector_type", "linear") != "linear":
         raise PublishedLayoutError(f"{where}: projector_config.projector_type {proj['projector_type']!r}: only "
                                    "'linear' (DeepSeek-OCR-2's) is supported")
-    for key, ok in (("use_mla", False), ("norm_topk_prob", False)):
-        if bool(lang.get(key, False)) != ok:
-            raise PublishedLayoutError(f"{where}: language_config.{key} = {lang[key]!r} is not DeepSeek-OCR-2's "
-                                       f"decoder (expected {ok})")
-    if lang.get("scoring_func", "softmax") != "softmax" or int(lang.get("moe_layer_freq", 1)) != 1:
-        raise PublishedLayoutError(f"{where}: language_config.scoring_func / moe_layer_freq: only softmax routing "
-                                   "in every layer after first_k_dense_replace is supported")
-    if raw.get("tile_tag", "2D") != "2D" or raw.get("global_view_pos", "head") != "head":
-        raise PublishedLayoutError(f"{where}: tile_tag {raw.get('tile_tag')!r} / global_view_pos "
-                                   f"{raw.get('global_view_pos')!r}: only '2D' / 'head' are supported")
-    n_layers = int(need(lang, "num_hidden_layers", "language_config."))
-    first_dense = int(lang.get("first_k_dense_replace", 0))
-    text = {k: lang[k] for k in _TEXT_FIELDS if lang.get(k) is not None}
-    text.update(mlp_layer_types=["dense" if i < first_dense else "sparse" for i in range(n_layers)],
-                rope_parameters={"rope_type": "default", "rope_theta": float(lang.get("rope_theta", 10000.0))},
-                attention_bias=bool(lang.get("attention_bias", False)))
+    check_published(raw, lang, where, PublishedLayoutError, "DeepSeek-OCR-2")
+    text = text_config(lang, int(need(lang, "num_hidden_layers", "language_config.")))
     dim = int(need(enc, "dim", f"vision_config.width.{ENCODER_KEY}."))
     enc = {**_ENCODER_DEFAULTS, **enc}
     sam_width = int(need(sam, "width", f"vision_config.width.{SAM_KEY}."))
@@ -235,3 +203,39 @@ def save_published(model, folder: Path, state_dict=None) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(folder))
+
+
+def write_published_copy(source: Path, dest: Path) -> None:
+    """A checkpoint folder in transformers' layout (deepseek-community/DeepSeek-OCR-2's) ->
+    the same weights in the published layout, in `dest`: shard by shard (a shard holds whole
+    fused expert tensors, so each converts alone), never the whole model in memory. The other
+    files (tokenizer, processor, generation config) are copied byte for byte."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import DeepseekOcr2Config
+
+    source, dest = Path(source), Path(dest)
+    shards = sorted(source.glob("*.safetensors"))
+    if not shards:
+        raise ModelNameError(f"{source}: no *.safetensors weights to convert to the published layout")
+    config = DeepseekOcr2Config.from_pretrained(str(source))
+    dest.mkdir(parents=True, exist_ok=True)
+    weight_map, dtype = {}, None
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            tensors = to_published({k: f.get_tensor(k) for k in f.keys()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / shard.name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+        dtype = dtype or str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    published = published_config(config)
+    published["torch_dtype"] = dtype
+    (dest / "config.json").write_text(json.dumps(published, indent=2) + "\n")
+    for file in sorted(source.iterdir()):
+        if file.is_file() and file.name != "config.json" and not file.name.endswith((".safetensors", ".index.json")):
+            shutil.copyfile(file, dest / file.name)
