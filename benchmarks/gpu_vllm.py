@@ -317,7 +317,7 @@ def step_vllm(args, work: Path) -> dict:
     pages, warm = pages[: args.pages], pages[args.pages:]
     res = {"versions": _versions()}
     t0 = time.perf_counter()
-    engine = VllmEngine(ckpt, None, guard, family.MODEL_TYPE, vision.as_dict(), args.answer, dtype=args.dtype)
+    engine = VllmEngine(ckpt, None, guard, family, vision.as_dict(), args.answer, dtype=args.dtype)
     res["engine_start_s"] = round(time.perf_counter() - t0, 1)
     print(f"[vllm] engine started in {res['engine_start_s']} s", flush=True)
     t0 = time.perf_counter()
@@ -442,7 +442,7 @@ def step_check_vllm(args, work: Path) -> dict:
     builder = builder_for(family, processor, None, vp.PROMPT, vision)
     items = [(p, Image.open(paths["folder"] / "pages" / f"{p}.png").convert("RGB")) for p in ours["pages"]]
     res, t0 = {}, time.perf_counter()
-    engine = VllmEngine(paths["base"], paths["adapter"], RepetitionGuard(0, 0, ()), family.MODEL_TYPE,
+    engine = VllmEngine(paths["base"], paths["adapter"], RepetitionGuard(0, 0, ()), family,
                         vision.as_dict(), ANSWER_CHECK, dtype="float32")
     res["engine_start_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
