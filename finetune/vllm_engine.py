@@ -14,7 +14,7 @@ Only what vLLM reproduces is offered: gundam mode, for both families (vLLM's pro
 fixed to its sizes: a 1024 global view and 2 to 6 tiles of 640 for DeepSeek-OCR, 768 for
 DeepSeek-OCR-2). Other modes are refused with the reason. vLLM reads DeepSeek-OCR-2 in its
 published layout only: a checkpoint in transformers' layout is converted into a temporary
-folder first (finetune/models/deepseek_ocr2/checkpoint.py), tensor by tensor.
+folder first (finetune/models/deepseek_ocr2/checkpoint.py), shard by shard, under $TMPDIR.
 """
 
 from __future__ import annotations
