@@ -120,6 +120,7 @@ def export_merged(adapter_dir: Path, output: Path, model: str | None = None, dty
     """Base + adapter merged into a full checkpoint in the family's published layout."""
     from finetune.lora import load_adapter
     from finetune.models import load_model
+    from finetune.models.family import copy_side_files
     from finetune.runtime import resolve_dtype
 
     adapter_dir = Path(adapter_dir)
@@ -132,20 +133,10 @@ def export_merged(adapter_dir: Path, output: Path, model: str | None = None, dty
 
     def write(staging: Path) -> None:
         resolved.family.save_full(merged, staging)  # config.json + weights in the family's published layout
-        # Everything else as the base has it, byte for byte: tokenizer and processor files
-        # re-saved through another transformers release can lose settings (whether the
-        # tokenizer adds BOS), and a published checkpoint's own code files let its loader
-        # read the merged weights, which keep its key names.
-        for file in sorted(Path(resolved.path).iterdir()):
-            if file.is_file() and not file.name.startswith(".") and not _is_weights_or_config(file.name):
-                shutil.copyfile(file, staging / file.name)
+        copy_side_files(resolved.path, staging)  # everything else as the base has it, byte for byte
 
     _write_atomically(output, overwrite, write)
     return {"family": resolved.family.MODEL_TYPE, "base_model": resolved.name}
-
-
-def _is_weights_or_config(name: str) -> bool:
-    return name == "config.json" or name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 def _write_atomically(output: Path, overwrite: bool, write) -> None:

@@ -145,3 +145,16 @@ class ModelFamily(ABC):
 def _split_peft_key(key: str) -> tuple[str, str]:
     head = "base_model.model."
     return (head, key[len(head):]) if key.startswith(head) else ("", key)
+
+
+def copy_side_files(source: Path, dest: Path) -> None:
+    """A checkpoint folder's files other than its weights and config.json (tokenizer,
+    processor, generation config, a published checkpoint's code), copied byte for byte: files
+    re-saved through another transformers release can lose settings (whether the tokenizer
+    adds BOS), and the code files let the published loader read weights kept in its names."""
+    import shutil
+
+    for file in sorted(Path(source).iterdir()):
+        weights = file.name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+        if file.is_file() and not file.name.startswith(".") and file.name != "config.json" and not weights:
+            shutil.copyfile(file, Path(dest) / file.name)

@@ -42,8 +42,17 @@ def padded_view(image: Image.Image, size: int, mean) -> Image.Image:
     return ImageOps.pad(image, (size, size), method=Image.BICUBIC, color=tuple(int(m * 255) for m in mean))
 
 
-def cut_tiles(image: Image.Image, grid: tuple[int, int], size: int) -> list[Image.Image]:
-    """The page resized to grid tiles of size x size, cut left to right, top to bottom."""
+def tiles(image: Image.Image, size: int, crop: bool, min_tiles: int, max_tiles: int, mean,
+          std) -> tuple[tuple[int, int], torch.Tensor | None]:
+    """(grid, [n, 3, size, size] tiles or None): the page resized to the grid closest to its
+    aspect ratio and cut left to right, top to bottom. None (grid (1, 1)) when `crop` is off,
+    when the page fits within one tile on both sides, or when the closest grid is one tile:
+    DeepSeek's code and vLLM add tiles only for a grid of two or more."""
+    w, h = image.size
+    grid = tile_grid(w, h, size, min_tiles, max_tiles) if crop and (w > size or h > size) else (1, 1)
+    if grid == (1, 1):
+        return grid, None
     resized = image.resize((size * grid[0], size * grid[1]), Image.BICUBIC)
-    return [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
-            for r in range(grid[1]) for c in range(grid[0])]
+    cut = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
+           for r in range(grid[1]) for c in range(grid[0])]
+    return grid, torch.stack([to_tensor(t, mean, std) for t in cut])

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from finetune.models.family import ModelNameError
-from finetune.models.views import cut_tiles, padded_view, tile_grid, to_tensor
+from finetune.models.views import padded_view, tiles, to_tensor
 
 PROCESSOR_FILE = "processor_config.json"
 IMAGE_TOKEN = "<image>"
@@ -114,18 +114,12 @@ def settings_for_mode(processor: DeepseekOcrProcessor, mode: str) -> VisionSetti
 def encode_image(processor: DeepseekOcrProcessor, image: Image.Image, vision: VisionSettings) -> tuple[dict, int]:
     """Pixel tensors for one RGB page and its placeholder count."""
     image = image.convert("RGB")
-    w, h = image.size
-    grid = (1, 1)
-    if vision.crop_to_patches and (w > vision.image_size or h > vision.image_size):
-        grid = tile_grid(w, h, vision.image_size, vision.min_tiles, vision.max_tiles)
+    grid, local = tiles(image, vision.image_size, vision.crop_to_patches, vision.min_tiles, vision.max_tiles,
+                        processor.image_mean, processor.image_std)
     if vision.squash:
         view = image.resize((vision.base_size, vision.base_size), Image.BICUBIC)
     else:
         view = padded_view(image, vision.base_size, processor.image_mean)
-    local = None
-    if grid != (1, 1):
-        tiles = cut_tiles(image, grid, vision.image_size)
-        local = torch.stack([to_tensor(t, processor.image_mean, processor.image_std) for t in tiles])
     pixels = {"pixel_values": to_tensor(view, processor.image_mean, processor.image_std)[None],
               "pixel_values_local": local, "grid": grid}
     return pixels, placeholders(processor, vision, grid)

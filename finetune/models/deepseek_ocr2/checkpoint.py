@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from finetune.models.deepseek_v2 import check_published, language_config, text_config
-from finetune.models.family import ModelNameError
+from finetune.models.family import ModelNameError, copy_side_files
 
 PUBLISHED_MODEL_TYPE = "deepseek_vl_v2"
 PUBLISHED_ARCHITECTURE = "DeepseekOCR2ForCausalLM"
@@ -210,8 +210,6 @@ def write_published_copy(source: Path, dest: Path) -> None:
     the same weights in the published layout, in `dest`: shard by shard (a shard holds whole
     fused expert tensors, so each converts alone), never the whole model in memory. The other
     files (tokenizer, processor, generation config) are copied byte for byte."""
-    import shutil
-
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import DeepseekOcr2Config
@@ -236,6 +234,4 @@ def write_published_copy(source: Path, dest: Path) -> None:
     published = published_config(config)
     published["torch_dtype"] = dtype
     (dest / "config.json").write_text(json.dumps(published, indent=2) + "\n")
-    for file in sorted(source.iterdir()):
-        if file.is_file() and file.name != "config.json" and not file.name.endswith((".safetensors", ".index.json")):
-            shutil.copyfile(file, dest / file.name)
+    copy_side_files(source, dest)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from finetune.models.views import cut_tiles, padded_view, tile_grid, to_tensor
+from finetune.models.views import padded_view, tiles, to_tensor
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,11 @@ def encode_image(processor, image, vision: VisionSettings) -> tuple[dict, int]:
     """Pixel tensors for one RGB page and its placeholder count."""
     ip = processor.image_processor
     image = image.convert("RGB")
-    size, tile = int(ip.size["height"]), int(ip.tile_size)
-    w, h = image.size
-    local = None
-    if vision.crop_to_patches and (w > tile or h > tile):  # a page within one tile gets none
-        tiles = cut_tiles(image, tile_grid(w, h, tile, vision.min_tiles, vision.max_tiles), tile)
-        local = torch.stack([to_tensor(t, ip.image_mean, ip.image_std) for t in tiles])
+    _, local = tiles(image, int(ip.tile_size), vision.crop_to_patches, vision.min_tiles, vision.max_tiles,
+                     ip.image_mean, ip.image_std)
+    view = padded_view(image, int(ip.size["height"]), ip.image_mean)
     pixels = {
-        "pixel_values": to_tensor(padded_view(image, size, ip.image_mean), ip.image_mean, ip.image_std)[None],
+        "pixel_values": to_tensor(view, ip.image_mean, ip.image_std)[None],
         "pixel_values_local": local,
         "num_local_patches": 0 if local is None else len(local),
     }
