@@ -256,3 +256,27 @@ def test_views_are_deepseeks_not_the_image_processors():
 
     pixels, n = OCR2.encode_image(processor, page, OCR2.vision_settings(processor, "base"))
     assert torch.equal(pixels["pixel_values"][0], expected) and pixels["pixel_values_local"] is None and n == 257
+
+
+def test_engines_fetch_the_published_repository_and_ocrtune_transformers_copy(tmp_path, monkeypatch):
+    """deepseek-ai/DeepSeek-OCR-2 is fetched as transformers' copy for ocrtune's own loading,
+    and as published for vLLM (resolve_model(hub_aliases=False)). Only the Hub is faked."""
+    import huggingface_hub
+
+    from finetune.models import resolve_model
+
+    folder = tmp_path / "snapshot"
+    shutil.copytree(BUILTIN_DIR / "tiny-random-deepseek-ocr-2", folder)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or str(folder))
+    assert resolve_model("deepseek-ai/DeepSeek-OCR-2").family.MODEL_TYPE == "deepseek_ocr2"
+    resolve_model("deepseek-ai/DeepSeek-OCR-2", hub_aliases=False)
+    assert asked == ["deepseek-community/DeepSeek-OCR-2", "deepseek-ai/DeepSeek-OCR-2"]
+
+
+def test_a_folder_without_weights_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "base").mkdir()
+    shutil.copy(BUILTIN_DIR / "tiny-random-deepseek-ocr-2" / "config.json", tmp_path / "base" / "config.json")
+    with pytest.raises(ModelNameError, match=r"base: no \*\.safetensors weights to convert to the published layout"):
+        OCR2.published_checkpoint(tmp_path / "base", tmp_path / "published")
+    assert not (tmp_path / "published").exists()
